@@ -1,0 +1,58 @@
+"""FedIT (Zhang et al. 2023): FedAvg of the two LoRA factors, separately.
+
+Heterogeneous ranks follow the usual zero-padding baseline: ``A_i`` gets zero rows and ``B_i`` zero
+columns up to ``r_max``; the padded factors are averaged, and client ``i`` receives the first ``r_i``
+rows of ``A_g`` and columns of ``B_g``. The server evaluates the full ``r_max`` adapter with scale
+``alpha / r_max``. Known inexactness (tested): ``sum p B A - (sum p B)(sum p A)`` equals
+``sum p (B - B_bar)(A - A_bar)``.
+"""
+
+from __future__ import annotations
+
+from ilora.algorithm import (
+    Algorithm,
+    ClientModel,
+    Message,
+    pad_A,
+    pad_B,
+    register,
+    standard_lora_init,
+    unflatten,
+    weighted_sum,
+)
+
+
+def zero_padded_average(uploads: dict[int, Message], weights: dict[int, float], rank: int):
+    """``(sum p_i pad(A_i), sum p_i pad(B_i))`` per layer, padded to ``rank``."""
+    cids = list(uploads)
+    parts = [unflatten(uploads[c]) for c in cids]
+    w = [weights[c] for c in cids]
+    A = {n: weighted_sum((pad_A(p[0][n], rank) for p in parts), w) for n in parts[0][0]}
+    B = {n: weighted_sum((pad_B(p[1][n], rank) for p in parts), w) for n in parts[0][1]}
+    return A, B
+
+
+@register("fedit")
+class FedIT(Algorithm):
+    """Clients train A and B from the global pair; the server averages A and B separately."""
+
+    def __init__(self, fed, config=None):
+        super().__init__(fed, config)
+        self.A, self.B = standard_lora_init(fed, fed.max_rank)
+
+    def download(self, cid: int) -> tuple[Message, ClientModel]:
+        r = self.fed.ranks[cid]
+        model = ClientModel(
+            A={n: a[:r].clone() for n, a in self.A.items()},
+            B={n: b[:, :r].clone() for n, b in self.B.items()},
+            head={n: h.clone() for n, h in self.head.items()},
+            scale=self.fed.scale(r),
+        )
+        return model.flat(), model
+
+    def aggregate(self, uploads: dict[int, Message], weights: dict[int, float]) -> None:
+        self.A, self.B = zero_padded_average(uploads, weights, self.fed.max_rank)
+        self.average_head(uploads, weights)
+
+    def eval_model(self) -> ClientModel:
+        return ClientModel(A=self.A, B=self.B, head=self.head, scale=self.fed.scale(self.fed.max_rank))

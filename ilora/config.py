@@ -1,0 +1,220 @@
+"""Run configuration: composable YAML under ``configs/`` plus ``key=value`` overrides, validated.
+
+Resolution order (later wins): the ``RunConfig`` defaults, ``configs/dataset/<dataset>.yaml``,
+``configs/model/<model>.yaml``, ``configs/method/<method>.yaml``, ``configs/preset/<preset>.yaml``,
+an optional ``config=<file.yaml>``, then the command-line overrides. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from ilora.errors import ConfigError
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class RunConfig:
+    preset: str = "cpu"
+    method: str = "fedit"
+    dataset: str = "bbc_news"
+    model: str = "minilm"
+    # federation
+    num_clients: int = 3
+    participation: float = 1.0
+    ranks: list[int] = field(default_factory=lambda: [2, 4, 6])
+    rounds: int = 5
+    partition: str = "dirichlet"  # dirichlet | iid | pathological
+    dirichlet_alpha: float = 0.5
+    min_partition_size: int = 10
+    classes_per_client: int = 2
+    # local training
+    local_epochs: int = 1
+    local_steps: int | None = None
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    # LoRA
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    rslora: bool = False
+    # method switches shared by several methods (None: the method's own default)
+    init: str | None = None  # standard | qr
+    aggregate: str | None = None  # fedavg | concat_qr
+    control_variates: bool | None = None
+    method_args: dict[str, Any] = field(default_factory=dict)
+    # data
+    max_length: int = 64
+    image_size: int | None = None
+    max_train_samples: int | None = None
+    max_test_samples: int | None = None
+    split_seed: int = 0
+    data_dir: str | None = None
+    # run
+    seed: int = 42
+    out_dir: str = "runs"
+    run_id: str | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True
+    wandb: str = "disabled"  # disabled | offline | online
+    wandb_project: str = "ilora-bench"
+    wandb_group: str | None = None
+
+
+PUBLIC_KEYS = list(RunConfig.__dataclass_fields__)
+OPTIMIZERS = ("sgd", "adamw")
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_ROOT / "preset").glob("*.yaml"))
+
+
+def _read_yaml(path: Path, what: str) -> DictConfig:
+    try:
+        cfg = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: file not found: {path}") from None
+    except Exception as exc:  # YAML syntax errors
+        raise ConfigError(f"{what}: cannot parse {path}: {exc}".splitlines()[0]) from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{what}: {path} must hold a mapping of keys to values")
+    return cfg
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (valid keys: {', '.join(PUBLIC_KEYS)})")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse overrides: {exc}".splitlines()[0]) from None
+
+
+def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except ConfigKeyError as exc:
+        key = getattr(exc, "key", None) or str(exc).split("'")[1]
+        raise ConfigError(f"unknown config key {key!r} in {source} (valid keys: {', '.join(PUBLIC_KEYS)})") from None
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"invalid value for {key!r} in {source}: {exc.msg if hasattr(exc, 'msg') else exc}"
+                          .splitlines()[0]) from None
+
+
+def resolve_config(overrides: list[str] | None = None, config_root: Path | None = None) -> RunConfig:
+    """Build and validate a ``RunConfig`` from the YAML layers and ``key=value`` overrides."""
+    root = config_root or CONFIG_ROOT
+    cli = _parse_overrides(list(overrides or []))
+    config_file = cli.pop("config", None)
+    file_layer = _read_yaml(Path(config_file), "config") if config_file else OmegaConf.create({})
+
+    cfg = OmegaConf.structured(RunConfig)
+    preset = cli.get("preset", file_layer.get("preset", cfg.preset))
+    presets = sorted(p.stem for p in (root / "preset").glob("*.yaml"))
+    if preset not in presets:
+        raise ConfigError(f"unknown preset {preset!r} (valid: {', '.join(presets)})")
+    preset_layer = _read_yaml(root / "preset" / f"{preset}.yaml", "preset")
+
+    def chosen(key: str) -> str:
+        for layer in (cli, file_layer, preset_layer):
+            if key in layer:
+                return str(layer[key])
+        return str(cfg[key])
+
+    for group in ("dataset", "model", "method"):
+        path = root / group / f"{chosen(group)}.yaml"
+        if path.exists():
+            cfg = _merge(cfg, _read_yaml(path, group), str(path.relative_to(root.parent)))
+    cfg = _merge(cfg, preset_layer, f"configs/preset/{preset}.yaml")
+    cfg = _merge(cfg, file_layer, str(config_file))
+    cfg = _merge(cfg, cli, "the command line")
+    run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(run)
+    return run
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no data or model; names the field and the valid choices."""
+    from ilora.algorithm import available_algorithms
+    from ilora.data import available_datasets
+    from ilora.models import available_models
+
+    def choose(key: str, value: Any, valid: list[str] | tuple[str, ...]) -> None:
+        if value not in valid:
+            raise ConfigError(f"unknown {key} {value!r} (valid: {', '.join(valid)})")
+
+    choose("method", cfg.method, available_algorithms())
+    choose("dataset", cfg.dataset, list(available_datasets()))
+    choose("model", cfg.model, list(available_models()))
+    choose("optimizer", cfg.optimizer, OPTIMIZERS)
+    choose("partition", cfg.partition, ("dirichlet", "iid", "pathological"))
+    choose("wandb", cfg.wandb, WANDB_MODES)
+    if cfg.num_clients < 1:
+        raise ConfigError(f"num_clients must be at least 1, got {cfg.num_clients}")
+    if len(cfg.ranks) != cfg.num_clients:
+        raise ConfigError(
+            f"ranks has {len(cfg.ranks)} entries but num_clients is {cfg.num_clients}: give one rank per client"
+        )
+    if any(r <= 0 for r in cfg.ranks):
+        raise ConfigError(f"ranks must all be positive integers, got {list(cfg.ranks)}")
+    if cfg.lora_alpha <= 0:
+        raise ConfigError(f"lora_alpha must be positive, got {cfg.lora_alpha}")
+    if not 0 < cfg.participation <= 1:
+        raise ConfigError(f"participation must be in (0, 1], got {cfg.participation}")
+    for key in ("rounds", "local_epochs", "batch_size", "eval_batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"lr must be positive, got {cfg.lr}")
+    if cfg.partition == "dirichlet" and cfg.dirichlet_alpha <= 0:
+        raise ConfigError(f"dirichlet_alpha must be positive, got {cfg.dirichlet_alpha}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        raise ConfigError(f"unknown device {cfg.device!r} (valid: auto, cpu, cuda, cuda:N)")
+    method_options(cfg)  # the method's own options must be valid too
+
+
+def method_options(cfg: RunConfig) -> Any:
+    """The method's config dataclass from ``method_args`` plus the shared switches that are set."""
+    from ilora.algorithm import build_config, get_algorithm
+
+    cls = get_algorithm(cfg.method)
+    values = dict(cfg.method_args)
+    for key in ("init", "aggregate", "control_variates"):
+        value = getattr(cfg, key)
+        if value is not None:
+            values[key] = value
+    try:
+        return build_config(cls, values)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+# Keys that do not change what a run computes: left out of its identity.
+_NOT_IDENTITY = {"out_dir", "run_id", "progress", "wandb", "wandb_project", "wandb_group", "device", "preset"}
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """A stable id of what a run computes (the resolved config minus bookkeeping keys)."""
+    ident = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IDENTITY}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]

@@ -1,0 +1,114 @@
+"""Backbones: a frozen pretrained network with LoRA injected once and a trainable head.
+
+A builder returns a ``Backbone``; the simulator loads each client's factors and head into it in turn.
+Builders are registered by name with ``@register_model``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ilora.data import Split
+from ilora.errors import ConfigError
+from ilora.lora import LoRALinear
+
+Batch = dict[str, Tensor]
+
+
+@dataclass
+class ModelOptions:
+    num_classes: int
+    rank: int = 8  # initial rank of the injected layers (replaced per client)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    rslora: bool = False
+    max_length: int = 64  # text models
+    image_size: int | None = None  # vision models: None means the backbone's default
+    seed: int = 0  # the head's initialisation
+    pretrained: bool = True
+
+
+@dataclass
+class Backbone:
+    """The one shared model of a run."""
+
+    name: str
+    module: nn.Module  # forward(batch) -> logits
+    lora_layers: dict[str, LoRALinear]
+    head: dict[str, nn.Parameter]  # trained and aggregated by every method
+    encode: Callable[[Split], Batch]  # raw split -> tensors (labels under "labels")
+    hf_name: str | None = None  # for exported adapters
+    meta: dict = field(default_factory=dict)
+
+    def __call__(self, batch: Batch) -> Tensor:
+        return self.module(batch)
+
+    def to(self, device: torch.device) -> Backbone:
+        self.module.to(device)
+        return self
+
+
+Builder = Callable[[ModelOptions], Backbone]
+_MODELS: dict[str, tuple[Builder, str, bool]] = {}
+
+
+def register_model(name: str, kind: str, offline: bool) -> Callable[[Builder], Builder]:
+    def wrap(fn: Builder) -> Builder:
+        _MODELS[name] = (fn, kind, offline)
+        return fn
+
+    return wrap
+
+
+def _load_builtin() -> None:
+    from ilora.models import text  # noqa: F401
+
+
+def available_models() -> dict[str, tuple[str, bool]]:
+    """Name -> (kind, runs offline)."""
+    _load_builtin()
+    return {n: (k, off) for n, (_, k, off) in sorted(_MODELS.items())}
+
+
+def model_kind(name: str) -> str:
+    _load_builtin()
+    if name not in _MODELS:
+        raise ConfigError(f"unknown model {name!r} (valid: {', '.join(sorted(_MODELS))})")
+    return _MODELS[name][1]
+
+
+def build_model(name: str, options: ModelOptions) -> Backbone:
+    model_kind(name)
+    return _MODELS[name][0](options)
+
+
+def seeded_linear(in_features: int, out_features: int, seed: int) -> nn.Linear:
+    """A classification head initialised from ``seed`` (the same initial head for every method)."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return nn.Linear(in_features, out_features)
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def head_parameters(module: nn.Module, prefix: str) -> dict[str, nn.Parameter]:
+    """Make the parameters under ``prefix`` trainable and return them by name."""
+    params = {n: p for n, p in module.named_parameters() if n.startswith(prefix)}
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
+def dataset_model_check(dataset: str, model: str) -> None:
+    """A text model needs a text dataset and a vision model an image dataset."""
+    from ilora.data import available_datasets, dataset_kind
+
+    kind = model_kind(model)
+    if dataset_kind(dataset) != kind:
+        same = [n for n, (k, _) in available_datasets().items() if k == kind]
+        raise ConfigError(f"model {model!r} is a {kind} model; dataset {dataset!r} is not (valid: {', '.join(same)})")

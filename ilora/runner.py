@@ -1,0 +1,197 @@
+"""One run from a resolved config to a results record (``<out_dir>/<run_id>/result.json``)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import traceback
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ilora.algorithm import Federation, LayerSpec, get_algorithm
+from ilora.config import RunConfig, config_hash, method_options, to_dict
+from ilora.data import DataOptions, load_dataset
+from ilora.data.partition import PartitionSpec, partition
+from ilora.errors import UserError
+from ilora.models import ModelOptions, build_model, dataset_model_check
+from ilora.simulation import RoundRecord, Simulation, TrainConfig, client_sampling_stream
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available (valid here: auto, cpu)")
+    return torch.device(name)
+
+
+def derive_seeds(seed: int) -> dict[str, int]:
+    """Partition, sampling, training and head seeds, all derived from the one run seed."""
+    names = ("partition", "sampling", "training", "head", "algorithm")
+    states = np.random.SeedSequence(seed).spawn(len(names))
+    return {n: int(s.generate_state(1)[0] & 0x7FFFFFFF) for n, s in zip(names, states)}
+
+
+def run_id_for(cfg: RunConfig) -> str:
+    return cfg.run_id or f"{cfg.method}-{cfg.dataset}-{cfg.model}-s{cfg.seed}-{config_hash(cfg)}"
+
+
+def versions() -> dict[str, str | None]:
+    import timm
+    import transformers
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "timm": timm.__version__,
+        "git_commit": commit,
+    }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename: complete or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def setup(cfg: RunConfig) -> tuple[Simulation, dict[str, Any]]:
+    """Data, partition, backbone, algorithm and simulator for ``cfg``; plus facts for the record."""
+    device = resolve_device(cfg.device)
+    seeds = derive_seeds(cfg.seed)
+    dataset_model_check(cfg.dataset, cfg.model)
+    data = load_dataset(
+        cfg.dataset,
+        DataOptions(cfg.split_seed, cfg.max_train_samples, cfg.max_test_samples, cfg.data_dir),
+    )
+    spec = PartitionSpec(
+        cfg.partition, cfg.num_clients, cfg.dirichlet_alpha, cfg.min_partition_size, cfg.classes_per_client,
+        seeds["partition"],
+    )
+    parts = partition(data.train.labels, spec)
+    backbone = build_model(
+        cfg.model,
+        ModelOptions(
+            num_classes=data.num_classes, rank=max(cfg.ranks), lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout, rslora=cfg.rslora, max_length=cfg.max_length,
+            image_size=cfg.image_size, seed=seeds["head"],
+        ),
+    ).to(device)
+    train = backbone.encode(data.train)
+    client_data = [{k: v[torch.from_numpy(idx)].to(device) for k, v in train.items()} for idx in parts]
+    test = {k: v.to(device) for k, v in backbone.encode(data.test).items()}
+
+    fed = Federation(
+        layers={n: LayerSpec(l.out_features, l.in_features) for n, l in backbone.lora_layers.items()},
+        ranks=list(cfg.ranks),
+        num_examples=[len(p) for p in parts],
+        head_init={n: p.detach().clone() for n, p in backbone.head.items()},
+        pretrained_weights=lambda: {n: l.pretrained_weight.detach() for n, l in backbone.lora_layers.items()},
+        lora_alpha=cfg.lora_alpha,
+        rslora=cfg.rslora,
+        seed=seeds["algorithm"],
+        device=device,
+    )
+    algorithm = get_algorithm(cfg.method)(fed, method_options(cfg))
+    train_cfg = TrainConfig(
+        rounds=cfg.rounds, local_epochs=cfg.local_epochs, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, progress=cfg.progress,
+    )
+    sampling = client_sampling_stream(cfg.num_clients, cfg.participation, cfg.rounds, seeds["sampling"])
+    sim = Simulation(algorithm, backbone, client_data, test, train_cfg, sampling, seeds["training"], device)
+    facts = {
+        "partition_hash": spec.key(cfg.dataset, "train", data.train.labels),
+        "client_sizes": [len(p) for p in parts],
+        "num_train": len(data.train),
+        "num_test": len(data.test),
+        "num_classes": data.num_classes,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+    }
+    return sim, facts
+
+
+def run_experiment(cfg: RunConfig, tracker: Any = None) -> dict[str, Any]:
+    """Run ``cfg`` and write its results record; user errors propagate before anything is written."""
+    run_dir = Path(cfg.out_dir) / run_id_for(cfg)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    torch.manual_seed(cfg.seed)
+    sim, facts = setup(cfg)  # UserError here: nothing written
+    record: dict[str, Any] = {
+        "run_id": run_id_for(cfg),
+        "status": "ok",
+        "error": None,
+        "config": to_dict(cfg),
+        "config_hash": config_hash(cfg),
+        "method": cfg.method,
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "seed": cfg.seed,
+        **facts,
+        "rounds": [],
+        "final_accuracy": None,
+        "best_accuracy": None,
+        "versions": versions(),
+        "started": started,
+        "finished": None,
+    }
+
+    def on_round(r: RoundRecord) -> None:
+        row = {**asdict(r), "overhead_share": r.overhead_share}
+        record["rounds"].append(row)
+        if tracker is not None:
+            tracker.log_round(row)
+
+    try:
+        sim.run(on_round=on_round)
+    except UserError:
+        raise
+    except Exception as exc:  # a crash mid-run is recorded, not hidden
+        record["status"] = "failed"
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["traceback"] = traceback.format_exc()
+    accs = [r["accuracy"] for r in record["rounds"]]
+    if record["rounds"] and not math.isfinite(record["rounds"][-1]["loss"]):
+        record["status"] = "diverged"
+    record["final_accuracy"] = accs[-1] if accs else None
+    record["best_accuracy"] = max(accs) if accs else None
+    record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_record(run_dir, record)
+    return record
+
+
+def write_record(run_dir: Path, record: dict[str, Any]) -> None:
+    """``result.json`` and ``metrics.csv``, each written atomically (metrics first)."""
+    buf = io.StringIO()
+    if record["rounds"]:
+        fields = [k for k in record["rounds"][0] if k != "clients"]
+        writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(record["rounds"])
+    write_atomic(run_dir / "metrics.csv", buf.getvalue())
+    write_atomic(run_dir / "result.json", json.dumps(record, indent=2, default=str))

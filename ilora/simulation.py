@@ -1,0 +1,266 @@
+"""The one federated simulator: every method runs through this round loop.
+
+One frozen backbone lives in memory. For each sampled client the simulator loads that client's
+factors and head into it (``ClientModel``), trains locally, reads the trained tensors back, and hands
+them to the algorithm. Communication is counted from the algorithm's actual messages.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ilora.algorithm import Algorithm, ClientModel, Gradients, message_bytes
+from ilora.models import Backbone, Batch
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 5
+    local_epochs: int = 1
+    local_steps: int | None = None  # if set, a fixed number of steps instead of epochs
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    optimizer: str = "adamw"  # sgd | adamw
+    lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    progress: bool = True
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    clients: list[int]
+    accuracy: float
+    loss: float
+    train_loss: float
+    uplink_bytes: int
+    downlink_bytes: int
+    train_s: float  # local training, all clients (includes loading and reading their tensors)
+    compute_s: float  # forward/backward/optimiser steps and evaluation forwards only
+    aggregate_s: float
+    eval_s: float
+    wall_s: float
+
+    @property
+    def overhead_share(self) -> float:
+        """Share of the round spent outside forward/backward/optimiser steps and eval forwards."""
+        return max(0.0, 1.0 - self.compute_s / self.wall_s) if self.wall_s > 0 else 0.0
+
+
+def client_sampling_stream(num_clients: int, participation: float, rounds: int, seed: int) -> list[list[int]]:
+    """Pre-drawn sampled clients per round (sorted), identical for every method with the same seed."""
+    k = max(1, round(participation * num_clients))
+    rng = np.random.default_rng([seed, 0x5A4D])
+    return [sorted(rng.choice(num_clients, size=k, replace=False).tolist()) for _ in range(rounds)]
+
+
+@dataclass
+class Simulation:
+    algorithm: Algorithm
+    backbone: Backbone
+    client_data: list[Batch]  # per client, tensors on the device
+    test_data: Batch
+    config: TrainConfig
+    sampling: list[list[int]]
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        self._cuda = self.device.type == "cuda"
+        self._compute_s = 0.0
+
+    # ---------------------------------------------------------------------------- the round loop
+    def run(self, start_round: int = 0, on_round: Callable[[RoundRecord], None] | None = None) -> list[RoundRecord]:
+        records = []
+        algo = self.algorithm
+        sizes = [len(d["labels"]) for d in self.client_data]
+        rounds = tqdm(range(start_round, self.config.rounds), desc="rounds", disable=not self.config.progress)
+        for t in rounds:
+            wall0 = self._now()
+            self._compute_s = 0.0
+            uploads, uplink, downlink, train_losses = {}, 0, 0, []
+            for cid in tqdm(self.sampling[t], desc=f"round {t}", leave=False, disable=not self.config.progress):
+                message, model = algo.download(cid)
+                downlink += message_bytes(message)
+                trained, loss = self.train_client(t, cid, model)
+                uploads[cid] = algo.upload(cid, trained)
+                uplink += message_bytes(uploads[cid])
+                train_losses.append(loss)
+            train_s = self._now() - wall0
+
+            total = sum(sizes[c] for c in uploads)
+            agg0 = self._now()
+            algo.aggregate(uploads, {c: sizes[c] / total for c in uploads})
+            aggregate_s = self._now() - agg0
+
+            eval0 = self._now()
+            accuracy, loss = self.evaluate(algo.eval_model())
+            eval_s = self._now() - eval0
+
+            record = RoundRecord(
+                round=t + 1, clients=list(uploads), accuracy=accuracy, loss=loss,
+                train_loss=float(np.mean(train_losses)), uplink_bytes=uplink, downlink_bytes=downlink,
+                train_s=train_s, compute_s=self._compute_s, aggregate_s=aggregate_s, eval_s=eval_s,
+                wall_s=self._now() - wall0,
+            )
+            records.append(record)
+            rounds.set_postfix(acc=f"{accuracy:.4f}", loss=f"{loss:.3f}")
+            if on_round is not None:
+                on_round(record)
+            if not math.isfinite(loss):
+                break
+        return records
+
+    # ---------------------------------------------------------------------------- local training
+    def train_client(self, round_index: int, cid: int, model: ClientModel) -> tuple[ClientModel, float]:
+        """Train client ``cid`` from ``model`` on its data; return the trained tensors and mean loss."""
+        cfg, algo, data = self.config, self.algorithm, self.client_data[cid]
+        torch.manual_seed(int(np.random.SeedSequence([self.seed, round_index, cid]).generate_state(1)[0]))
+        rng = np.random.default_rng([self.seed, round_index, cid])
+        params = self.load(model)
+        module = self.backbone.module
+        module.train()
+        trainable = [p for p in params.values() if p.requires_grad]
+        optimizer = make_optimizer(cfg, trainable)
+
+        algo.on_local_start(cid, lambda: self.full_gradient(data, params))
+        correction = algo.gradient_correction(cid)
+        losses = []
+        for batch in self._batches(data, cfg.batch_size, rng, cfg.local_epochs, cfg.local_steps):
+            t0 = self._now()
+            with self._autocast():
+                loss = F.cross_entropy(self.backbone(batch).float(), batch["labels"])
+            loss.backward()
+            if correction is not None:
+                for name, c in correction.items():
+                    if params[name].grad is not None:
+                        params[name].grad.add_(c)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            self._compute_s += self._now() - t0
+        mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+        return self.read(model), mean_loss
+
+    def full_gradient(self, data: Batch, params: dict[str, torch.nn.Parameter]) -> Gradients:
+        """Gradient of the mean loss over all of ``data`` at the current parameters (no step)."""
+        module = self.backbone.module
+        for p in params.values():
+            p.grad = None
+        n = len(data["labels"])
+        for batch in self._batches(data, self.config.batch_size, None, 1, None):
+            t0 = self._now()
+            with self._autocast():
+                loss = F.cross_entropy(self.backbone(batch).float(), batch["labels"], reduction="sum") / n
+            loss.backward()
+            self._compute_s += self._now() - t0
+        grads = {k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for k, p in params.items()}
+        for p in params.values():
+            p.grad = None
+        module.train()
+        return grads
+
+    # ---------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, model: ClientModel) -> tuple[float, float]:
+        """Accuracy and mean cross-entropy of ``model`` on the whole test set."""
+        self.load(model)
+        self.backbone.module.eval()
+        correct, loss_sum = 0, 0.0
+        n = len(self.test_data["labels"])
+        for batch in self._batches(self.test_data, self.config.eval_batch_size, None, 1, None):
+            t0 = self._now()
+            with self._autocast():
+                logits = self.backbone(batch).float()
+            loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            self._compute_s += self._now() - t0
+        return correct / n, loss_sum / n
+
+    # ---------------------------------------------------------------------------- backbone I/O
+    def load(self, model: ClientModel) -> dict[str, torch.nn.Parameter]:
+        """Put ``model`` into the shared backbone; return its parameters by flat name."""
+        return load_client_model(self.backbone, model)
+
+    def read(self, template: ClientModel) -> ClientModel:
+        return read_client_model(self.backbone, template)
+
+    # ---------------------------------------------------------------------------- helpers
+    def _batches(
+        self, data: Batch, batch_size: int, rng: np.random.Generator | None, epochs: int, steps: int | None
+    ) -> Iterator[Batch]:
+        n = len(data["labels"])
+        if n == 0:
+            return
+        produced = 0
+        epoch = 0
+        while (steps is None and epoch < epochs) or (steps is not None and produced < steps):
+            order = torch.from_numpy(rng.permutation(n)) if rng is not None else torch.arange(n)
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size].to(data["labels"].device)
+                yield {k: v[idx] for k, v in data.items()}
+                produced += 1
+                if steps is not None and produced >= steps:
+                    return
+            epoch += 1
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self._cuda else nullcontext()
+
+    def _now(self) -> float:
+        if self._cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def make_optimizer(cfg: TrainConfig, params: list[Tensor]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r} (valid: sgd, adamw)")
+
+
+def load_client_model(backbone: Backbone, model: ClientModel) -> dict[str, torch.nn.Parameter]:
+    """Load factors, offsets, base deltas and head into ``backbone``; return parameters by flat name."""
+    params: dict[str, torch.nn.Parameter] = {}
+    for name, layer in backbone.lora_layers.items():
+        layer.set_factors(
+            model.A[name], model.B[name], model.scale, model.offsets.get(name), model.train_A, model.train_B
+        )
+        layer.set_base_delta(None if model.base_delta is None else model.base_delta.get(name))
+        params[f"lora_A/{name}"] = layer.lora_A
+        params[f"lora_B/{name}"] = layer.lora_B
+    with torch.no_grad():
+        for name, p in backbone.head.items():
+            p.copy_(model.head[name])
+            params[f"head/{name}"] = p
+    return params
+
+
+def read_client_model(backbone: Backbone, template: ClientModel) -> ClientModel:
+    """The backbone's current trainable tensors (copied), with the rest of ``template``."""
+    return ClientModel(
+        A={n: layer.lora_A.detach().clone() for n, layer in backbone.lora_layers.items()},
+        B={n: layer.lora_B.detach().clone() for n, layer in backbone.lora_layers.items()},
+        head={n: p.detach().clone() for n, p in backbone.head.items()},
+        scale=template.scale,
+        offsets=template.offsets,
+        base_delta=template.base_delta,
+        train_A=template.train_A,
+        train_B=template.train_B,
+    )
