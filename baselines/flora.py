@@ -1,0 +1,116 @@
+"""FLoRA (Wang et al., NeurIPS 2024): stack the clients' LoRA modules and merge them into the base.
+
+Every round each sampled client trains a fresh LoRA (standard init, rank ``r_i``, scale ``s_i``) on top
+of the current merged base ``W0 + M``. The server stacks the uploads in one fixed order (ascending
+client id),
+
+    A_stack = [p_1 s_1 A_1; p_2 s_2 A_2; ...]    B_stack = [B_1, B_2, ...],
+
+so that ``B_stack A_stack = sum_i p_i s_i B_i A_i`` exactly (``p_i`` applied once, to ``A``; the
+per-client scales folded in, merge with scale 1), and merges ``M <- M + B_stack A_stack`` in float32
+(float64 if the run's dtype is).
+The global model is the merged base alone (no adapter).
+
+Communication: the upload is the client's ``(A_i, B_i)`` plus the head. The download is the stacked
+modules the client has not merged yet, ``(sum r_j)(d + k)`` per layer (with full participation: the
+previous round's stack, which grows with the number of clients), plus the head. In the first round
+nothing is stacked yet, so only the head goes down: the fresh LoRA init is drawn from the run seed on
+the client, as every method's round-0 init could be.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ilora.algorithm import (
+    Algorithm,
+    ClientModel,
+    Message,
+    register,
+    standard_lora_init,
+    unflatten,
+)
+
+# The salt of the per-round fresh init (``standard_lora_init(fed, r_max, salt=_INIT_SALT + round)``).
+_INIT_SALT = 0x0F10
+
+
+def stack_modules(
+    A: list[Tensor], B: list[Tensor], weights: list[float], scales: list[float]
+) -> tuple[Tensor, Tensor]:
+    """``(A_stack, B_stack)`` with ``B_stack A_stack = sum_i w_i s_i B_i A_i`` (rows of A, columns of B)."""
+    A_stack = torch.cat([w * s * a for a, w, s in zip(A, weights, scales)], dim=0)
+    B_stack = torch.cat(list(B), dim=1)
+    return A_stack, B_stack
+
+
+@dataclass
+class FLoRAConfig:
+    """FLoRA has no options of its own: the fresh per-round init is PEFT's standard LoRA init."""
+
+
+@register("flora")
+class FLoRA(Algorithm):
+    """Fresh LoRA per client per round; the server stacks and merges into float32 base weights."""
+
+    Config = FLoRAConfig
+
+    def __init__(self, fed, config=None):
+        super().__init__(fed, config)
+        self.round = 0
+        self.merged: dict[str, Tensor] | None = None  # M = sum of merged stacks, d x k, float32
+        self.stacks: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []  # (A_stack, B_stack) per round
+        self.seen: dict[int, int] = {}  # client id -> number of stacks it has already merged
+
+    def download(self, cid: int) -> tuple[Message, ClientModel]:
+        r = self.fed.ranks[cid]
+        A, B = standard_lora_init(self.fed, self.fed.max_rank, salt=_INIT_SALT + self.round)
+        model = ClientModel(
+            A={n: a[:r].clone() for n, a in A.items()},
+            B={n: b[:, :r].clone() for n, b in B.items()},
+            head={n: h.clone() for n, h in self.head.items()},
+            scale=self.fed.scale(r),
+            base_delta=self.merged,
+        )
+        return self._download_message(cid), model
+
+    def _download_message(self, cid: int) -> Message:
+        """The stacks ``cid`` has not merged yet, concatenated (still a stack), plus the head."""
+        missed = self.stacks[self.seen.get(cid, 0):]
+        self.seen[cid] = len(self.stacks)
+        msg: Message = {}
+        if missed:
+            for name in self.fed.layers:
+                msg[f"lora_A/{name}"] = torch.cat([a[name] for a, _ in missed], dim=0)
+                msg[f"lora_B/{name}"] = torch.cat([b[name] for _, b in missed], dim=1)
+        msg.update({f"head/{n}": h for n, h in self.head.items()})
+        return msg
+
+    def aggregate(self, uploads: dict[int, Message], weights: dict[int, float]) -> None:
+        cids = sorted(uploads)
+        parts = [unflatten(uploads[c]) for c in cids]
+        w = [weights[c] for c in cids]
+        s = [self.fed.scale(self.fed.ranks[c]) for c in cids]
+        A_stack, B_stack = {}, {}
+        for name in self.fed.layers:
+            As, Bs = [p[0][name] for p in parts], [p[1][name] for p in parts]
+            A_stack[name], B_stack[name] = stack_modules(As, Bs, w, s)
+        dtype = torch.promote_types(self.fed.dtype, torch.float32)  # never merge in half precision
+        merged = {} if self.merged is None else self.merged
+        self.merged = {
+            n: merged.get(n, 0) + B_stack[n].to(dtype) @ A_stack[n].to(dtype) for n in self.fed.layers
+        }
+        self.stacks.append((A_stack, B_stack))
+        self.average_head(uploads, weights)
+        self.round += 1
+
+    def eval_model(self) -> ClientModel:
+        """The merged base alone: rank-1 zero factors with scale 0 add exactly nothing."""
+        A = {n: torch.zeros(1, spec.in_features, device=self.fed.device, dtype=self.fed.dtype)
+             for n, spec in self.fed.layers.items()}
+        B = {n: torch.zeros(spec.out_features, 1, device=self.fed.device, dtype=self.fed.dtype)
+             for n, spec in self.fed.layers.items()}
+        return ClientModel(A=A, B=B, head=self.head, scale=0.0, base_delta=self.merged)
