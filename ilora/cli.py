@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     lst = sub.add_parser("list", help="registered methods, datasets, models and presets")
     lst.set_defaults(func=cmd_list)
+    from ilora.datacli import add_data_parser
+
+    add_data_parser(sub)
     return parser
 
 

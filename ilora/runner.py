@@ -22,7 +22,8 @@ import torch
 from ilora.algorithm import Federation, LayerSpec, get_algorithm
 from ilora.config import RunConfig, config_hash, method_options, to_dict
 from ilora.data import DataOptions, load_dataset
-from ilora.data.partition import PartitionSpec, partition
+from ilora.data.cache import cached_encode, preprocessing_key
+from ilora.data.partition import PartitionSpec, cached_partition
 from ilora.errors import UserError
 from ilora.models import ModelOptions, build_model, dataset_model_check
 from ilora.simulation import RoundRecord, Simulation, TrainConfig, client_sampling_stream
@@ -93,7 +94,7 @@ def setup(cfg: RunConfig) -> tuple[Simulation, dict[str, Any]]:
         cfg.partition, cfg.num_clients, cfg.dirichlet_alpha, cfg.min_partition_size, cfg.classes_per_client,
         seeds["partition"],
     )
-    parts = partition(data.train.labels, spec)
+    parts = cached_partition(data.train.labels, spec, cfg.dataset)
     backbone = build_model(
         cfg.model,
         ModelOptions(
@@ -102,9 +103,10 @@ def setup(cfg: RunConfig) -> tuple[Simulation, dict[str, Any]]:
             image_size=cfg.image_size, seed=seeds["head"],
         ),
     ).to(device)
-    train = backbone.encode(data.train)
+    train = cached_encode(backbone.encode, data.train, preprocessing_key(cfg, "train"))
     client_data = [{k: v[torch.from_numpy(idx)].to(device) for k, v in train.items()} for idx in parts]
-    test = {k: v.to(device) for k, v in backbone.encode(data.test).items()}
+    test = cached_encode(backbone.encode, data.test, preprocessing_key(cfg, "test"))
+    test = {k: v.to(device) for k, v in test.items()}
 
     fed = Federation(
         layers={n: LayerSpec(l.out_features, l.in_features) for n, l in backbone.lora_layers.items()},

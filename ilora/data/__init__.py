@@ -67,7 +67,7 @@ def register_dataset(name: str, kind: str, offline: bool) -> Callable[[Loader], 
 
 
 def _load_builtin() -> None:
-    from ilora.data import offline  # noqa: F401
+    from ilora.data import hub, offline  # noqa: F401
 
 
 def available_datasets() -> dict[str, tuple[str, bool]]:
@@ -101,7 +101,9 @@ def _subsample(split: Split, n: int | None, rng: np.random.Generator) -> Split:
     return split.subset(np.sort(idx))
 
 
-def stratified_split(labels: np.ndarray, n_first: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, n_first: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices of a stratified ``n_first`` / rest split (class shares kept, remainders by rank)."""
     classes, counts = np.unique(labels, return_counts=True)
     exact = counts * n_first / len(labels)

@@ -67,3 +67,17 @@ def partition(labels: np.ndarray, spec: PartitionSpec) -> list[np.ndarray]:
     except ValueError as exc:  # e.g. min_partition_size cannot be met
         raise ConfigError(f"partition: {exc}") from None
     return parts
+
+
+def cached_partition(
+    labels: np.ndarray, spec: PartitionSpec, dataset: str, split: str = "train"
+) -> list[np.ndarray]:
+    """``partition(labels, spec)``, stored under ``<cache>/partitions/<spec.key(...)>.npz`` and reused."""
+    from ilora.data.cache import load_partition_cache, save_partition_cache
+
+    key = spec.key(dataset, split, labels)
+    parts = load_partition_cache(key, spec.num_clients, len(labels))
+    if parts is None:
+        parts = partition(labels, spec)
+        save_partition_cache(key, parts)
+    return parts
