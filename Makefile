@@ -30,5 +30,21 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ilora baselines tests benchmarks
 
+# Every benchmark under benchmarks/ for $(PRESET) (runs skipped when their record exists), then the
+# tables (results/tables/$(PRESET)/) and plots (results/plots/$(PRESET)/). Safe to kill and rerun.
+reproduce-tables: $(STAMP)
+	HF_HUB_OFFLINE=1 $(ILORA) sweep all --preset $(PRESET) --jobs $(JOBS)
+	HF_HUB_OFFLINE=1 $(ILORA) report all --preset $(PRESET)
+
+# Every registered method on one setting (benchmarks/compare.yaml; default the cpu text setting):
+# a ranking table on stdout, results/tables/$(PRESET)/compare.* and results/plots/$(PRESET)/compare_*.
+# Change the setting with ARGS, e.g. make compare ARGS="dataset=tweets".
+compare: $(STAMP)
+	HF_HUB_OFFLINE=1 $(ILORA) compare --preset $(PRESET) --jobs $(JOBS) $(ARGS)
+
+# Tables and plots again from the records already under runs/$(PRESET) (no training).
+plots: $(STAMP)
+	HF_HUB_OFFLINE=1 $(ILORA) report all --preset $(PRESET)
+
 clean:
 	rm -rf $(VENV) .pytest_cache

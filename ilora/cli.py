@@ -24,9 +24,15 @@ def _quiet_libraries() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from ilora.config import resolve_config
     from ilora.runner import run_experiment, run_id_for
+    from ilora.tracking import create_tracker
 
     cfg = resolve_config(args.overrides)
-    record = run_experiment(cfg)
+    tracker = create_tracker(cfg, run_id_for(cfg))
+    record = None
+    try:
+        record = run_experiment(cfg, tracker=tracker)
+    finally:
+        tracker.finish(record)
     path = os.path.join(cfg.out_dir, run_id_for(cfg), "result.json")
     rounds = record["rounds"]
     if record["status"] != "ok":
@@ -73,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ilora.datacli import add_data_parser
 
     add_data_parser(sub)
+    from ilora.sweep import add_sweep_parsers
+
+    add_sweep_parsers(sub)
     return parser
 
 

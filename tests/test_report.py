@@ -1,0 +1,128 @@
+"""Tables and plots from synthetic results records: mean +- std, bold best, known values only."""
+
+from __future__ import annotations
+
+import csv
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+
+from ilora.report import build_table, collect, ranking, report, to_latex, to_markdown
+from ilora.runner import write_record
+from ilora.sweep import expand, load_benchmark
+
+BENCH = """
+name: synth
+title: Synthetic table
+table: {rows: [method], columns: [dataset], average: true}
+plots: [rounds, communication, alpha]
+presets:
+  smoke:
+    base: {rounds: 3}
+    grid:
+      dataset: [bbc_news, tweets]
+      method: [fedit, flora, ilora]
+      seed: [1, 2]
+known:
+  - {preset: smoke, cell: {method: ilora, dataset: bbc_news}, value: 80.0, note: "a known value"}
+  - {preset: smoke, cell: {method: ilora, dataset: average}, value: 70.0}
+  - {preset: paper, cell: {method: fedit, dataset: qnli}, value: 11.0}
+"""
+
+# final accuracy per (method, dataset, seed); flora on tweets is missing, fedit on tweets seed 2 failed
+ACC = {
+    ("fedit", "bbc_news", "1"): 0.60, ("fedit", "bbc_news", "2"): 0.64,
+    ("flora", "bbc_news", "1"): 0.70, ("flora", "bbc_news", "2"): 0.72,
+    ("ilora", "bbc_news", "1"): 0.82, ("ilora", "bbc_news", "2"): 0.86,
+    ("fedit", "tweets", "1"): 0.50,
+    ("ilora", "tweets", "1"): 0.40, ("ilora", "tweets", "2"): 0.44,
+}
+
+
+def make_records(tmp_path: Path):
+    path = tmp_path / "synth.yaml"
+    path.write_text(textwrap.dedent(BENCH))
+    bench = load_benchmark(str(path))
+    out = tmp_path / "runs"
+    runs = expand(bench, "smoke", out_dir=str(out))
+    for run in runs:
+        key = (run.labels["method"], run.labels["dataset"], run.labels["seed"])
+        if key == ("fedit", "tweets", "2"):
+            rec = {"run_id": run.run_id, "status": "failed", "error": "RuntimeError: x", "rounds": [],
+                   "final_accuracy": None, "best_accuracy": None}
+        elif key in ACC:
+            acc = ACC[key]
+            up = {"fedit": 1_000_000, "flora": 1_000_000, "ilora": 1_000_000}[key[0]]
+            down = {"fedit": 1_000_000, "flora": 3_000_000, "ilora": 1_000_000}[key[0]]
+            rounds = [{"round": t, "clients": [0, 1, 2], "accuracy": acc * t / 3, "loss": 1.0,
+                       "uplink_bytes": 3 * up, "downlink_bytes": 3 * down, "wall_s": 1.0} for t in (1, 2, 3)]
+            rec = {"run_id": run.run_id, "status": "ok", "error": None, "rounds": rounds,
+                   "final_accuracy": acc, "best_accuracy": acc, "device": "cpu",
+                   "versions": {"torch": "x", "git_commit": "abc123"}}
+        else:
+            continue
+        write_record(out / run.run_id, rec)
+    return bench, runs, out
+
+
+def test_table_from_records(tmp_path):
+    bench, runs, _ = make_records(tmp_path)
+    df = collect(runs)
+    assert sorted(df["status"].value_counts().items()) == [("failed", 1), ("missing", 2), ("ok", 9)]
+    table = build_table(bench, "smoke", df)
+    shown = table.display.set_index("method")
+    # mean +- std over seeds, in percent; best per column in bold
+    assert shown.loc["FedIT", "bbc_news"] == "62.00 ± 2.83"
+    assert shown.loc["ILoRA", "bbc_news"] == "**84.00 ± 2.83**"
+    assert shown.loc["FedIT", "tweets"] == "**50.00**"  # one ok seed, the failed one left out
+    assert shown.loc["FLoRA", "tweets"] == ""  # no record: empty
+    assert shown.loc["ILoRA", "tweets"] == "42.00 ± 2.83"
+    # average column only where every column has a value
+    assert shown.loc["ILoRA", "average"] == "**63.00**" and shown.loc["FLoRA", "average"] == ""
+    assert shown.loc["FedIT", "average"] == "56.00"
+    # the paper's known values only, with our difference; unknown cells empty
+    assert list(shown["bbc_news paper"]) == ["", "", "80.00"]
+    assert list(shown["bbc_news Δ"]) == ["", "", "+4.00"]
+    assert list(shown["average paper"]) == ["", "", "70.00"]
+    assert list(shown["average Δ"]) == ["", "", "-7.00"]
+    assert "tweets paper" not in shown.columns
+    # communication: (up + down) per client per round, MB
+    assert list(shown["MB/client/round"]) == ["2.000", "4.000", "2.000"]
+    md = to_markdown(table, "smoke")
+    assert "**84.00 ± 2.83**" in md and "a known value" in md and "not comparable" in md
+    tex = to_latex(table, "smoke")
+    assert r"\toprule" in tex and r"\textbf{84.00 $\pm$ 2.83}" in tex and r"$\Delta$" in tex
+
+
+def test_report_writes_tables_and_plots(tmp_path):
+    bench, runs, out = make_records(tmp_path)
+    results = tmp_path / "results"
+    written = report([bench], "smoke", out_dir=str(out), results_dir=results)
+    tables = results / "tables" / "smoke"
+    for ext in ("md", "tex", "csv"):
+        assert (tables / f"synth.{ext}").exists()
+    for kind in ("rounds", "communication", "alpha"):
+        for ext in ("png", "pdf"):
+            path = results / "plots" / "smoke" / f"synth_{kind}.{ext}"
+            assert path.exists() and path.stat().st_size > 1000, path
+    assert tables / "PROVENANCE.md" in written
+    prov = (tables / "PROVENANCE.md").read_text()
+    assert "results records: 10 of 12 planned runs" in prov  # 9 ok + 1 failed
+    assert "abc123" in prov
+    # the CSV traces every number to run ids
+    rows = list(csv.DictReader((tables / "synth.csv").open()))
+    ilora_bbc = next(r for r in rows if r["method"] == "ilora" and r["dataset"] == "bbc_news")
+    assert float(ilora_bbc["mean"]) == 84.0 and float(ilora_bbc["paper"]) == 80.0
+    assert len(ilora_bbc["run_ids"].split(";")) == 2
+    fedit_bbc = next(r for r in rows if r["method"] == "fedit" and r["dataset"] == "bbc_news")
+    assert fedit_bbc["paper"] == "" and fedit_bbc["diff"] == ""
+
+
+def test_ranking_orders_by_accuracy(tmp_path):
+    _, runs, _ = make_records(tmp_path)
+    df = collect([r for r in runs if r.labels["dataset"] == "bbc_news"])
+    ranked = ranking(df)
+    assert list(ranked["method"]) == ["ILoRA", "FLoRA", "FedIT"]
+    assert list(ranked["rank"]) == [1, 2, 3]
+    assert isinstance(ranked, pd.DataFrame) and ranked.loc[0, "runs"] == "2/2"

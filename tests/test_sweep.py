@@ -1,0 +1,201 @@
+"""The sweep runner: grid expansion, skipping what exists, resuming after a kill, failures."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ilora.config import RunConfig
+from ilora.errors import ConfigError
+from ilora.runner import run_id_for, write_record
+from ilora.sweep import available_benchmarks, expand, load_benchmark, pending, plan, resolve_benchmarks, run_sweep
+
+BENCH = """
+name: tiny
+title: Tiny
+table: {rows: [method], columns: [dataset, optimizer]}
+presets:
+  smoke:
+    base: {rounds: 2, max_train_samples: 60}
+    grid:
+      dataset: [bbc_news]
+      optimizer:
+        sgd: {optimizer: sgd, lr: 0.01, momentum: 0.9}
+        adamw: {optimizer: adamw, lr: 0.001}
+      method: [fedit, ilora]
+      seed: [1, 2]
+"""
+
+
+def write_bench(root: Path, text: str = BENCH, name: str = "tiny") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{name}.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def fake_runner(cfg: RunConfig) -> dict[str, Any]:
+    """Deterministic and instant: accuracy from the config alone; writes a record like the runner."""
+    acc = 0.5 + 0.1 * cfg.seed + (0.05 if cfg.method == "ilora" else 0.0) + (0.01 if cfg.optimizer == "sgd" else 0)
+    rounds = [{"round": t + 1, "clients": [0, 1, 2], "accuracy": acc * (t + 1) / cfg.rounds, "loss": 1.0,
+               "uplink_bytes": 3000, "downlink_bytes": 6000, "wall_s": 0.1} for t in range(cfg.rounds)]
+    record = {"run_id": run_id_for(cfg), "status": "ok", "error": None, "method": cfg.method, "seed": cfg.seed,
+              "rounds": rounds, "final_accuracy": rounds[-1]["accuracy"],
+              "best_accuracy": max(r["accuracy"] for r in rounds)}
+    write_record(Path(cfg.out_dir) / record["run_id"], record)
+    return record
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupting_runner(limit: int, counter: list[int]):
+    def run(cfg: RunConfig) -> dict[str, Any]:
+        if counter[0] >= limit:
+            raise KeyboardInterrupt  # a kill: nothing written for this run
+        counter[0] += 1
+        return fake_runner(cfg)
+
+    return run
+
+
+def failing_runner(cfg: RunConfig) -> dict[str, Any]:
+    if cfg.method == "ilora" and cfg.seed == 1:
+        raise RuntimeError("boom")
+    return fake_runner(cfg)
+
+
+def records(out: Path) -> dict[str, dict[str, Any]]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))}
+
+
+def test_grid_expansion(tmp_path):
+    bench = load_benchmark(str(write_bench(tmp_path)))
+    runs = expand(bench, "smoke", out_dir=str(tmp_path / "runs"))
+    assert len(runs) == 1 * 2 * 2 * 2
+    assert len({r.run_id for r in runs}) == 8
+    first = runs[0]
+    assert first.labels == {"dataset": "bbc_news", "optimizer": "sgd", "method": "fedit", "seed": "1"}
+    assert first.cell == {"dataset": "bbc_news", "optimizer": "sgd", "method": "fedit"}
+    assert (first.config.optimizer, first.config.lr, first.config.momentum) == ("sgd", 0.01, 0.9)
+    assert first.config.rounds == 2 and first.config.max_train_samples == 60
+    assert first.config.out_dir == str(tmp_path / "runs") and first.config.progress is False
+    assert first.config.wandb_group == "tiny/dataset=bbc_news/optimizer=sgd"
+    adamw = [r for r in runs if r.labels["optimizer"] == "adamw"]
+    assert all(r.config.lr == 0.001 and r.config.optimizer == "adamw" for r in adamw)
+    # command-line overrides apply to every run and change the run ids
+    changed = expand(bench, "smoke", ["rounds=3"], out_dir=str(tmp_path / "runs"))
+    assert all(r.config.rounds == 3 for r in changed)
+    assert not {r.run_id for r in changed} & {r.run_id for r in runs}
+
+
+def test_plan_dedups_shared_runs(tmp_path):
+    write_bench(tmp_path / "b")
+    write_bench(tmp_path / "b", BENCH.replace("name: tiny", "name: other").replace("method: [fedit, ilora]",
+                                                                                     "method: [ilora]"), "other")
+    benches = resolve_benchmarks([], tmp_path / "b")
+    assert [b.name for b in benches] == ["other", "tiny"] == available_benchmarks(tmp_path / "b")
+    runs = plan(benches, "smoke", out_dir=str(tmp_path / "runs"))
+    assert len(runs) == 8  # the 'other' runs are a subset of 'tiny'
+
+
+def test_benchmark_errors(tmp_path):
+    bench = load_benchmark(str(write_bench(tmp_path)))
+    with pytest.raises(ConfigError, match="no preset 'cpu'"):
+        expand(bench, "cpu")
+    bad = write_bench(tmp_path, BENCH.replace("seed: [1, 2]", "colour: [red]"), "bad")
+    with pytest.raises(ConfigError, match="axis 'colour' is not a config key"):
+        expand(load_benchmark(str(bad)), "smoke")
+    with pytest.raises(ConfigError, match="unknown benchmark 'nope'"):
+        load_benchmark("nope", tmp_path)
+    wrong = write_bench(tmp_path, BENCH.replace("method: [fedit, ilora]", "method: [fedit, magic]"), "wrong")
+    with pytest.raises(ConfigError, match="unknown method 'magic'"):
+        expand(load_benchmark(str(wrong)), "smoke")
+
+
+def test_every_shipped_benchmark_expands_for_cpu_and_smoke():
+    for bench in resolve_benchmarks([]):
+        for preset in ("cpu", "smoke"):
+            runs = expand(bench, preset)
+            assert runs, (bench.name, preset)
+        assert set(bench.presets) == {"paper", "cpu", "smoke"}
+
+
+def test_skip_existing_and_resume_after_kill(tmp_path):
+    bench = load_benchmark(str(write_bench(tmp_path)))
+    # uninterrupted reference sweep
+    ref_runs = expand(bench, "smoke", out_dir=str(tmp_path / "ref"))
+    summary = run_sweep(ref_runs, runner=fake_runner, progress=False, log=lambda s: None)
+    assert (summary.ran, summary.skipped) == (8, 0)
+    # a sweep killed after three runs ...
+    runs = expand(bench, "smoke", out_dir=str(tmp_path / "out"))
+    counter = [0]
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(runs, runner=interrupting_runner(3, counter), progress=False, log=lambda s: None)
+    assert len(records(tmp_path / "out")) == 3 and len(pending(runs)) == 5
+    # ... then rerun: finishes the five missing ones, redoes none of the three
+    calls = [0]
+    summary = run_sweep(runs, runner=interrupting_runner(100, calls), progress=False, log=lambda s: None)
+    assert (summary.ran, summary.skipped, calls[0]) == (5, 3, 5)
+    assert records(tmp_path / "out") == records(tmp_path / "ref")
+    # and a third run does nothing at all
+    summary = run_sweep(runs, runner=interrupting_runner(0, [0]), progress=False, log=lambda s: None)
+    assert (summary.ran, summary.skipped) == (0, 8)
+
+
+def test_failed_run_is_recorded_and_sweep_goes_on(tmp_path):
+    bench = load_benchmark(str(write_bench(tmp_path)))
+    runs = expand(bench, "smoke", out_dir=str(tmp_path / "out"))
+    summary = run_sweep(runs, runner=failing_runner, progress=False, log=lambda s: None)
+    assert summary.ran == 8 and len(summary.failed) == 2
+    recs = records(tmp_path / "out")
+    failed = [r for r in recs.values() if r["status"] == "failed"]
+    assert len(failed) == 2 and all("RuntimeError: boom" in r["error"] for r in failed)
+    assert all(r["config"]["method"] == "ilora" and r["seed"] == 1 for r in failed)
+    # a rerun skips failed runs unless asked to retry them
+    assert run_sweep(runs, runner=failing_runner, progress=False, log=lambda s: None).ran == 0
+    again = run_sweep(runs, runner=fake_runner, retry_failed=True, progress=False, log=lambda s: None)
+    assert again.ran == 2 and not again.failed
+    assert all(r["status"] == "ok" for r in records(tmp_path / "out").values())
+
+
+def test_parallel_jobs_match_serial(tmp_path):
+    bench = load_benchmark(str(write_bench(tmp_path)))
+    serial = expand(bench, "smoke", out_dir=str(tmp_path / "serial"))
+    run_sweep(serial, jobs=1, runner=fake_runner, progress=False, log=lambda s: None)
+    para = expand(bench, "smoke", out_dir=str(tmp_path / "para"))
+    summary = run_sweep(para, jobs=2, runner=fake_runner, progress=False, log=lambda s: None)
+    assert summary.ran == 8 and not summary.failed
+    assert records(tmp_path / "para") == records(tmp_path / "serial")
+
+
+@pytest.mark.slow
+def test_real_smoke_sweep_then_rerun_does_nothing(tmp_path):
+    from ilora.cli import main
+
+    bench = write_bench(tmp_path, """
+        name: tiny
+        table: {rows: [method], columns: [dataset]}
+        presets:
+          smoke:
+            base: {rounds: 1, local_steps: 1, max_train_samples: 60, max_test_samples: 30, max_length: 16}
+            grid:
+              dataset: [bbc_news]
+              method: [fedit, ilora]
+              seed: [1]
+        """)
+    out = tmp_path / "runs"
+    args = ["sweep", str(bench), "--preset", "smoke", "--out-dir", str(out), "--report",
+            "--results-dir", str(tmp_path / "results")]
+    assert main(args) == 0
+    recs = records(out)
+    assert len(recs) == 2 and all(r["status"] == "ok" for r in recs.values())
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
+    assert main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == mtimes
+    assert (tmp_path / "results" / "tables" / "smoke" / "tiny.md").exists()
