@@ -50,6 +50,7 @@ class RunConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1
     rslora: bool = False
+    lora_targets: str | None = None  # a backbone's choice of adapted layers (efficientnet_lite0); None: its default
     # method switches shared by several methods (None: the method's own default)
     init: str | None = None  # standard | qr
     aggregate: str | None = None  # fedavg | concat_qr

@@ -213,3 +213,172 @@ def save_peft_adapter(
     }
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return directory
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA on weight matrices that are not a whole nn.Linear: a 1x1 convolution, a slice of a fused qkv
+# ---------------------------------------------------------------------------------------------
+
+
+class _MatrixView:
+    """A ``d x k`` view of (part of) a frozen module's weight, standing in for ``LoRALinear.base``.
+
+    ``weight`` is a live view, so ``LoRALinear``'s ``set_base_delta`` / ``merged_weight`` /
+    ``pretrained_weight`` act on exactly the adapted rows of the real parameter.
+    """
+
+    def __init__(self, module: nn.Module, rows: slice | None = None):
+        self.module = module
+        self.rows = rows
+
+    @property
+    def weight(self) -> Tensor:
+        w = self.module.weight
+        w = w.view(w.shape[0], -1)  # a 1x1 conv's d x k x 1 x 1 weight as d x k
+        return w if self.rows is None else w[self.rows]
+
+    @property
+    def in_features(self) -> int:
+        return self.module.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def requires_grad_(self, requires_grad: bool = True) -> _MatrixView:
+        self.module.requires_grad_(requires_grad)
+        return self
+
+
+class LoRAConv1x1(LoRALinear):
+    """A frozen 1x1 ``nn.Conv2d`` (weight ``d x k x 1 x 1``, seen as ``d x k``) plus a low-rank update.
+
+    Same interface and math as ``LoRALinear`` applied per pixel: ``k`` input and ``d`` output channels.
+    """
+
+    def __init__(self, conv: nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1:
+            raise ValueError(f"LoRAConv1x1 needs a 1x1, stride-1, ungrouped convolution, got {conv}")
+        super().__init__(_MatrixView(conv), rank, alpha, dropout, rslora)  # type: ignore[arg-type]
+        self.conv = conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv(x)
+        h = self.dropout(x)
+        out = out + self.scaling * self._low_rank(h, self.lora_A, self.lora_B)
+        if self.offset is not None:
+            A0, B0, s0 = self.offset
+            out = out - s0 * self._low_rank(h, A0, B0)
+        return out
+
+    @staticmethod
+    def _low_rank(h: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        """Two 1x1 convolutions: ``k -> r`` with ``A``, then ``r -> d`` with ``B``."""
+        conv2d = nn.functional.conv2d
+        return conv2d(conv2d(h, A[:, :, None, None]), B[:, :, None, None])
+
+
+class LoRASlice(LoRALinear):
+    """LoRA on the output rows ``rows`` of a fused frozen ``nn.Linear`` (e.g. the q part of timm's qkv).
+
+    Exposes the ``LoRALinear`` interface for the ``d x k`` slice; ``update(x)`` is its low-rank
+    contribution to those output columns. The fused layer itself is owned by a ``QKVLoRA``.
+    """
+
+    def __init__(self, fused: nn.Linear, rows: slice, rank: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False):
+        super().__init__(_MatrixView(fused, rows), rank, alpha, dropout, rslora)  # type: ignore[arg-type]
+        self.rows = rows
+
+    def update(self, x: Tensor) -> Tensor:
+        """``s x (B A)^T`` (minus the offset's part) for input ``x``: ``... x d``."""
+        h = self.dropout(x)
+        out = self.scaling * ((h @ self.lora_A.t()) @ self.lora_B.t())
+        if self.offset is not None:
+            A0, B0, s0 = self.offset
+            out = out - s0 * ((h @ A0.t()) @ B0.t())
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The adapted slice's own output ``x W_rows^T + b_rows + update(x)``."""
+        w = self.base.weight
+        bias = self.base.module.bias
+        return nn.functional.linear(x, w, None if bias is None else bias[self.rows]) + self.update(x)
+
+
+class QKVLoRA(nn.Module):
+    """A fused ``qkv`` projection (out = 3 * dim) with separate LoRA adapters on the q and v slices.
+
+    Equals a model with separate q, k, v ``nn.Linear`` layers whose q and v carry a ``LoRALinear``.
+    """
+
+    def __init__(self, qkv: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        if qkv.out_features % 3:
+            raise ValueError(f"a fused qkv layer needs out_features divisible by 3, got {qkv.out_features}")
+        dim = qkv.out_features // 3
+        self.qkv = qkv
+        self.qkv.requires_grad_(False)
+        self.dim = dim
+        self.q = LoRASlice(qkv, slice(0, dim), rank, alpha, dropout, rslora)
+        self.v = LoRASlice(qkv, slice(2 * dim, 3 * dim), rank, alpha, dropout, rslora)
+
+    @property
+    def in_features(self) -> int:
+        return self.qkv.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.qkv.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.qkv(x)
+        zeros = out.new_zeros(*out.shape[:-1], self.dim)
+        return out + torch.cat([self.q.update(x), zeros, self.v.update(x)], dim=-1)
+
+
+def inject_qkv_lora(
+    model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False, name: str = "qkv"
+) -> dict[str, LoRASlice]:
+    """Freeze ``model`` and wrap every fused ``nn.Linear`` called ``name`` in a ``QKVLoRA`` (in place).
+
+    Returns the slice adapters as ``<module>.q`` and ``<module>.v``. Raises if nothing matched.
+    """
+    model.requires_grad_(False)
+    found = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] == name
+    ]
+    if not found:
+        raise ValueError(f"no fused nn.Linear named {name!r} found")
+    layers: dict[str, LoRASlice] = {}
+    for module_name, module in found:
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapper = QKVLoRA(module, rank, alpha, dropout, rslora)
+        setattr(parent, child, wrapper)
+        layers[f"{module_name}.q"] = wrapper.q
+        layers[f"{module_name}.v"] = wrapper.v
+    return layers
+
+
+def inject_conv1x1_lora(
+    model: nn.Module, target_modules: Iterable[str], rank: int, alpha: float, dropout: float = 0.0,
+    rslora: bool = False,
+) -> dict[str, LoRAConv1x1]:
+    """Freeze ``model`` and wrap every targeted 1x1 ``nn.Conv2d`` in a ``LoRAConv1x1`` (in place)."""
+    targets = list(target_modules)
+    model.requires_grad_(False)
+    found = [
+        (n, m) for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and _matches(n, targets)
+    ]
+    if not found:
+        raise ValueError(f"no 1x1 nn.Conv2d matched target_modules={targets}")
+    layers: dict[str, LoRAConv1x1] = {}
+    for name, module in found:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = LoRAConv1x1(module, rank, alpha, dropout, rslora)
+        setattr(parent, child, layer)
+        layers[name] = layer
+    return layers

@@ -100,7 +100,7 @@ def setup(cfg: RunConfig) -> tuple[Simulation, dict[str, Any]]:
         ModelOptions(
             num_classes=data.num_classes, rank=max(cfg.ranks), lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout, rslora=cfg.rslora, max_length=cfg.max_length,
-            image_size=cfg.image_size, seed=seeds["head"],
+            image_size=cfg.image_size, lora_targets=cfg.lora_targets, seed=seeds["head"],
         ),
     ).to(device)
     train = cached_encode(backbone.encode, data.train, preprocessing_key(cfg, "train"))

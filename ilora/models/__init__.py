@@ -28,6 +28,7 @@ class ModelOptions:
     rslora: bool = False
     max_length: int = 64  # text models
     image_size: int | None = None  # vision models: None means the backbone's default
+    lora_targets: str | None = None  # where a backbone offers a choice of LoRA layers (None: its default)
     seed: int = 0  # the head's initialisation
     pretrained: bool = True
 
@@ -52,6 +53,23 @@ class Backbone:
         return self
 
 
+class FrozenBackboneModule(nn.Module):
+    """Base of every backbone's ``module``: ``train()`` switches only the LoRA layers (their dropout).
+
+    The frozen pretrained network always stays in eval mode: its own dropout / drop-path is off and
+    BatchNorm keeps its pretrained statistics (training mode would overwrite the shared backbone's
+    running statistics with each client's batches).
+    """
+
+    def train(self, mode: bool = True) -> FrozenBackboneModule:
+        super().train(False)
+        self.training = mode
+        for m in self.modules():
+            if isinstance(m, LoRALinear):
+                m.train(mode)
+        return self
+
+
 Builder = Callable[[ModelOptions], Backbone]
 _MODELS: dict[str, tuple[Builder, str, bool]] = {}
 
@@ -65,7 +83,7 @@ def register_model(name: str, kind: str, offline: bool) -> Callable[[Builder], B
 
 
 def _load_builtin() -> None:
-    from ilora.models import text  # noqa: F401
+    from ilora.models import text, vision  # noqa: F401
 
 
 def available_models() -> dict[str, tuple[str, bool]]:
@@ -96,6 +114,17 @@ def seeded_linear(in_features: int, out_features: int, seed: int) -> nn.Linear:
         torch.random.set_rng_state(state)
 
 
+def lora_args(options: ModelOptions) -> tuple[int, float, float, bool]:
+    """``rank, alpha, dropout, rslora`` for the ``inject_*`` functions."""
+    return options.rank, options.lora_alpha, options.lora_dropout, options.rslora
+
+
+def fixed_targets(model: str, options: ModelOptions, choice: str = "query_value") -> None:
+    """For a backbone with one set of LoRA layers: ``lora_targets`` must be unset or name that set."""
+    if options.lora_targets not in (None, choice):
+        raise ConfigError(f"lora_targets {options.lora_targets!r} is not offered by {model} (valid: {choice})")
+
+
 def head_parameters(module: nn.Module, prefix: str) -> dict[str, nn.Parameter]:
     """Make the parameters under ``prefix`` trainable and return them by name."""
     params = {n: p for n, p in module.named_parameters() if n.startswith(prefix)}
@@ -111,4 +140,7 @@ def dataset_model_check(dataset: str, model: str) -> None:
     kind = model_kind(model)
     if dataset_kind(dataset) != kind:
         same = [n for n, (k, _) in available_datasets().items() if k == kind]
-        raise ConfigError(f"model {model!r} is a {kind} model; dataset {dataset!r} is not (valid: {', '.join(same)})")
+        raise ConfigError(
+            f"model {model!r} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} model; dataset {dataset!r} is not "
+            f"(valid: {', '.join(same)})"
+        )

@@ -11,10 +11,21 @@ from torch import Tensor, nn
 from ilora.data import Split
 from ilora.errors import DataUnavailable
 from ilora.lora import inject_lora
-from ilora.models import Backbone, Batch, ModelOptions, head_parameters, register_model, seeded_linear
+from ilora.models import (
+    Backbone,
+    Batch,
+    FrozenBackboneModule,
+    ModelOptions,
+    fixed_targets,
+    head_parameters,
+    lora_args,
+    register_model,
+    seeded_linear,
+)
+from ilora.models.hub import HUB_REPOS, local_snapshot
 
 
-class MeanPoolClassifier(nn.Module):
+class MeanPoolClassifier(FrozenBackboneModule):
     """Encoder -> masked mean of the last hidden states -> linear head (sentence-transformers style)."""
 
     def __init__(self, encoder: nn.Module, hidden_size: int, num_classes: int, seed: int):
@@ -35,7 +46,8 @@ class MeanPoolClassifier(nn.Module):
 def tokenize_fn(tokenizer, max_length: int) -> Callable[[Split], Batch]:
     def encode(split: Split) -> Batch:
         enc = tokenizer(
-            list(split.inputs), max_length=max_length, truncation=True, padding="max_length", return_tensors="pt"
+            list(split.inputs), max_length=max_length, truncation=True, padding="max_length",
+            return_tensors="pt",
         )
         return {
             "input_ids": enc["input_ids"],
@@ -61,6 +73,7 @@ def minilm(options: ModelOptions) -> Backbone:
     """all-MiniLM-L6-v2 (6-layer BERT, hidden 384), LoRA on attention query and value."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    fixed_targets("minilm", options)
     path = minilm_path()
     if options.pretrained:
         encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
@@ -68,8 +81,8 @@ def minilm(options: ModelOptions) -> Backbone:
         encoder = AutoModel.from_config(AutoConfig.from_pretrained(path), add_pooling_layer=False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = MeanPoolClassifier(encoder, encoder.config.hidden_size, options.num_classes, options.seed)
-    model.eval()  # dropout only inside LoRA (the pretrained encoder's own dropout stays off)
-    layers = inject_lora(model, ["query", "value"], options.rank, options.lora_alpha, options.lora_dropout, options.rslora)
+    model.eval()  # dropout only inside LoRA (the pretrained encoder's own dropout stays off, see train())
+    layers = inject_lora(model, ["query", "value"], *lora_args(options))
     return Backbone(
         name="minilm",
         module=model,
@@ -77,4 +90,73 @@ def minilm(options: ModelOptions) -> Backbone:
         head=head_parameters(model, "classifier."),
         encode=tokenize_fn(tokenizer, options.max_length),
         hf_name="sentence-transformers/all-MiniLM-L6-v2",
+    )
+
+
+class RobertaClassifier(FrozenBackboneModule):
+    """RoBERTa encoder -> its sequence-classification head on the first token (``<s>``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.roberta = model.roberta
+        self.classifier = model.classifier  # dense -> tanh -> out_proj
+
+    def forward(self, batch: Batch) -> Tensor:
+        mask = batch["attention_mask"]
+        length = int(mask.sum(1).max())
+        hidden = self.roberta(input_ids=batch["input_ids"][:, :length], attention_mask=mask[:, :length])
+        return self.classifier(hidden.last_hidden_state)
+
+
+ROBERTA = HUB_REPOS["roberta_base"]
+
+
+def lazy_tokenize_fn(model: str, repo_id: str, max_length: int) -> Callable[[Split], Batch]:
+    """``tokenize_fn`` whose tokenizer is read from the local cache on first use."""
+    encoders: list[Callable[[Split], Batch]] = []
+
+    def encode(split: Split) -> Batch:
+        if not encoders:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(local_snapshot(model, repo_id))
+            encoders.append(tokenize_fn(tokenizer, max_length))
+        return encoders[0](split)
+
+    return encode
+
+
+@register_model("roberta_base", kind="text", offline=False)
+def roberta_base(options: ModelOptions) -> Backbone:
+    """roberta-base (12 layers, hidden 768), LoRA on attention query and value; head ``classifier.*``.
+
+    The head (dense + out_proj) is re-initialised from the run's head seed. Weights and tokenizer come
+    from the local Hugging Face cache; ``pretrained=False`` builds the same architecture with random
+    weights (the tokenizer is then only needed when encoding).
+    """
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    fixed_targets("roberta_base", options)
+    if options.pretrained:
+        path = local_snapshot("roberta_base", ROBERTA)
+        hf = RobertaForSequenceClassification.from_pretrained(path, num_labels=options.num_classes)
+    else:
+        config = RobertaConfig(
+            vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
+            pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=options.num_classes,
+        )
+        hf = RobertaForSequenceClassification(config)
+    hidden = hf.config.hidden_size
+    hf.classifier.dense = seeded_linear(hidden, hidden, options.seed)
+    hf.classifier.out_proj = seeded_linear(hidden, options.num_classes, options.seed + 1)
+    model = RobertaClassifier(hf)
+    model.eval()
+    layers = inject_lora(model, ["query", "value"], *lora_args(options))
+    return Backbone(
+        name="roberta_base",
+        module=model,
+        lora_layers=layers,
+        head=head_parameters(model, "classifier."),
+        encode=lazy_tokenize_fn("roberta_base", ROBERTA, options.max_length),
+        hf_name=ROBERTA,
     )
