@@ -195,6 +195,13 @@ def test_large_text_sets_are_stratified_subsamples(name: str, sizes: tuple[int, 
     assert a.train.inputs == b.train.inputs and a.train.inputs != c.train.inputs
 
 
+def test_max_samples_subsample_before_decoding(tmp_path: Path):
+    path = write_fixture("cifar10", tmp_path, "disk")
+    data = load_dataset("cifar10", DataOptions(max_train_samples=10, max_test_samples=5, data_dir=str(path)))
+    assert len(data.train) == 10 and len(data.test) == 5 and data.train.inputs.shape == (10, 32, 32, 3)
+    assert np.bincount(data.train.labels).tolist() == [1] * 10
+
+
 def test_missing_paper_dataset_says_where_and_how(capsys):
     with pytest.raises(DataUnavailable) as err:
         load_dataset("cifar100")
@@ -250,6 +257,28 @@ def test_fashion_mnist_falls_back_to_the_hub_with_a_clear_message(tmp_path: Path
         load_dataset("fashion_mnist", DataOptions(data_dir=str(tmp_path)))  # no IDX files, hub offline
     msg = str(err.value)
     assert "ilora data prepare fashion_mnist" in msg and "dataset-fashion-mnist" in msg and "\n" not in msg
+
+
+def test_fashion_mnist_hub_format_keeps_grayscale(tmp_path: Path):
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+
+    from ilora.data.offline import FASHION_MNIST_CLASSES
+
+    rng = np.random.default_rng(1)
+    features = Features({"image": Image(), "label": ClassLabel(names=FASHION_MNIST_CLASSES)})
+    arrays = {sp: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for sp, n in (("train", 6), ("test", 3))}
+    dd = DatasetDict({sp: Dataset.from_dict({"image": [_gray(a) for a in x], "label": list(range(len(x)))},
+                                            features=features) for sp, x in arrays.items()})
+    dd.save_to_disk(str(tmp_path / "fm"))
+    data = load_dataset("fashion_mnist", DataOptions(data_dir=str(tmp_path / "fm")))  # no IDX files there
+    np.testing.assert_array_equal(data.train.inputs, arrays["train"])  # N x 28 x 28, as from the IDX files
+    assert data.class_names == FASHION_MNIST_CLASSES and data.test.labels.tolist() == [0, 1, 2]
+
+
+def _gray(a: np.ndarray) -> Any:
+    from PIL import Image
+
+    return Image.fromarray(a, mode="L")
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),

@@ -196,6 +196,11 @@ def read_split(name: str, ds: Any, source: HubSource, size: int | None, rng: np.
     return Split(_texts(ds, source), labels)
 
 
+def _smallest(*sizes: int | None) -> int | None:
+    given = [s for s in sizes if s is not None]
+    return min(given) if given else None
+
+
 def load_hub(name: str, source: HubSource, options: DataOptions) -> RawDataset:
     dd = open_source(name, source, options.data_dir)
     for split in (source.train, source.test):
@@ -203,8 +208,11 @@ def load_hub(name: str, source: HubSource, options: DataOptions) -> RawDataset:
             where = options.data_dir or source.repo
             raise unavailable(name, where, f"split {split!r} missing, has {sorted(dd)}")
     rng = np.random.default_rng(options.split_seed)
-    train = read_split(name, dd[source.train], source, source.train_size, rng)
-    test = read_split(name, dd[source.test], source, source.test_size, rng)
+    # max_*_samples applied here too, before decoding: a small run of a large set decodes only its rows
+    train_size = _smallest(source.train_size, options.max_train_samples)
+    test_size = _smallest(source.test_size, options.max_test_samples)
+    train = read_split(name, dd[source.train], source, train_size, rng)
+    test = read_split(name, dd[source.test], source, test_size, rng)
     classes = _class_names(dd[source.train], source.label, train.labels)
     return RawDataset(name, source.kind, train, test, classes)  # type: ignore[arg-type]
 
