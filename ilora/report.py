@@ -11,6 +11,7 @@ beside a column only where such a value exists; the communication column is the 
 from __future__ import annotations
 
 import math
+import os
 import platform
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -156,12 +157,18 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
     # display frame
     out: dict[str, list[str]] = {}
     row_names = [_key(rl, row_axes) for rl in row_keys]
-    out[" / ".join(row_axes) or "run"] = [display(n) for n in row_names]
+    out[" / ".join(row_axes) or "run"] = [" / ".join(display(rl[a]) for a in row_axes) for rl in row_keys]
     for col in columns:
         vals = [means[(r, col)] for r in row_names]
-        best = max((m for m, _, n, _ in vals if n and not math.isnan(m)), default=None)
+        # best per column, within each group of rows that differ only in the last row axis (the method)
+        groups = [tuple(rl[a] for a in row_axes[:-1]) for rl in row_keys]
+        best_of: dict[tuple[str, ...], float] = {}
+        for g, (m, _, n, _) in zip(groups, vals):
+            if n and not math.isnan(m):
+                best_of[g] = max(best_of.get(g, -math.inf), m)
         texts = []
-        for mean, std, n, statuses in vals:
+        for g, (mean, std, n, statuses) in zip(groups, vals):
+            best = best_of.get(g)
             text = _fmt(mean, std, n) if col != AVERAGE else (f"{mean:.2f}" if n else "")
             if not text and statuses and "ok" not in statuses:
                 text = "/".join(s for s in statuses if s != "missing")
@@ -288,14 +295,20 @@ def _save(fig: Any, path: Path) -> list[Path]:
     return out
 
 
+def _panels(bench: Benchmark, axes: dict[str, list[str]], skip: str | None = None) -> tuple[list[str], list[dict]]:
+    """Panel axes (the columns and every row axis but the last, minus ``skip``) and their labels."""
+    names = [a for a in bench.columns + bench.rows[:-1] if a != skip]
+    return names, list(_product(axes, names)) or [{}]
+
+
 def plot_rounds(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> list[Path]:
-    """Accuracy against round, one line per row label, one panel per column label."""
+    """Accuracy against round, one line per method (last row axis), one panel per other cell."""
     axes = {a.name: list(a.values) for a in bench.axes(preset)}
-    cols = list(_product(axes, bench.columns)) or [{}]
+    names, cols = _panels(bench, axes)
     fig, panels = _figure(len(cols))
     ok = df[df["status"] == "ok"] if not df.empty else df
     for ax, cl in zip(panels, cols):
-        for rl in _product(axes, bench.rows):
+        for rl in _product(axes, bench.rows[-1:]):
             sub = ok
             for k, v in {**rl, **cl}.items():
                 sub = sub[sub[k] == v] if not sub.empty else sub
@@ -304,8 +317,8 @@ def plot_rounds(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> 
                 continue
             length = min(len(c) for c in curves)
             mean = np.mean([c[:length] for c in curves], axis=0)
-            ax.plot(range(1, length + 1), mean, marker="o", ms=3, label=display(_key(rl, bench.rows)))
-        ax.set_title(_key(cl, bench.columns) if cl else bench.name, fontsize=9)
+            ax.plot(range(1, length + 1), mean, marker="o", ms=3, label=display(_key(rl, bench.rows[-1:])))
+        ax.set_title(_key(cl, names) if cl else bench.name, fontsize=9)
         ax.set_xlabel("round")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
@@ -319,12 +332,11 @@ def plot_x_axis(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> 
     """Accuracy against a numeric column axis (e.g. Dirichlet alpha), one line per row label."""
     axis = bench.x_axis or "dirichlet_alpha"
     axes = {a.name: list(a.values) for a in bench.axes(preset)}
-    others = [c for c in bench.columns if c != axis]
-    panels_labels = list(_product(axes, others)) or [{}]
+    others, panels_labels = _panels(bench, axes, skip=axis)
     fig, panels = _figure(len(panels_labels))
     ok = df[df["status"] == "ok"] if not df.empty else df
     for ax, pl in zip(panels, panels_labels):
-        for rl in _product(axes, bench.rows):
+        for rl in _product(axes, bench.rows[-1:]):
             xs, ys, es = [], [], []
             for x in axes.get(axis, []):
                 sub = ok
@@ -335,7 +347,8 @@ def plot_x_axis(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> 
                     ys.append(sub["accuracy"].mean())
                     es.append(sub["accuracy"].std(ddof=1) if len(sub) > 1 else 0.0)
             if xs:
-                ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2, label=display(_key(rl, bench.rows)))
+                ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2,
+                            label=display(_key(rl, bench.rows[-1:])))
         ax.set_title(_key(pl, others) if pl else bench.name, fontsize=9)
         ax.set_xlabel(axis.replace("_", " "))
         ax.set_ylabel("final accuracy (%)")
@@ -347,23 +360,23 @@ def plot_x_axis(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> 
 
 
 def plot_communication(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> list[Path]:
-    """Final accuracy against MB per client per round, one point per row label and panel."""
+    """Final accuracy against MB per client per round, one point per method and panel."""
     axes = {a.name: list(a.values) for a in bench.axes(preset)}
-    cols = list(_product(axes, bench.columns)) or [{}]
+    names, cols = _panels(bench, axes)
     fig, panels = _figure(len(cols))
     ok = df[df["status"] == "ok"] if not df.empty else df
     for ax, cl in zip(panels, cols):
-        for rl in _product(axes, bench.rows):
+        for rl in _product(axes, bench.rows[-1:]):
             sub = ok
             for k, v in {**rl, **cl}.items():
                 sub = sub[sub[k] == v] if not sub.empty else sub
             if sub.empty:
                 continue
-            name = display(_key(rl, bench.rows))
+            name = display(_key(rl, bench.rows[-1:]))
             x, y = sub["comm_mb"].mean(), sub["accuracy"].mean()
             ax.scatter([x], [y], label=name)
             ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_title(_key(cl, bench.columns) if cl else bench.name, fontsize=9)
+        ax.set_title(_key(cl, names) if cl else bench.name, fontsize=9)
         ax.set_xlabel("MB per client per round (up + down)")
         ax.set_ylabel("final accuracy (%)")
         ax.grid(alpha=0.3)
@@ -430,7 +443,7 @@ def write_provenance(benches: list[Benchmark], preset: str, out_dir: str | None,
         f"- benchmarks: {', '.join(b.name for b in benches)}",
         f"- results records: {count} of {len(names)} planned runs, under `{root}` (not in git)",
         f"- training + evaluation time in those records: {seconds / 60:.1f} min",
-        f"- report machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"- report machine: {platform.platform()}, {os.cpu_count()} CPU cores, "
         f"Python {platform.python_version()}",
         f"- run devices: {', '.join(sorted(devices)) or '-'}",
     ]

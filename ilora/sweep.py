@@ -376,13 +376,18 @@ def run_sweep(
                 done(*_execute(runner, run.config, run.run_id))
         else:
             ctx = get_context("spawn")
-            with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
-                                     initargs=(threads_per_job(jobs),)) as pool:
+            pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
+                                       initargs=(threads_per_job(jobs),))
+            try:
                 futures: set[Future] = {pool.submit(_execute, runner, r.config, r.run_id) for r in todo}
                 while futures:
                     finished, futures = wait(futures, return_when=FIRST_COMPLETED)
                     for fut in finished:
                         done(*fut.result())
+            except BaseException:  # interrupted: drop what has not started; records are all-or-nothing
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown()
     finally:
         bar.close()
         summary.seconds = time.perf_counter() - t0
