@@ -8,7 +8,9 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
+import sys
 import tempfile
 import traceback
 from dataclasses import asdict
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from ilora.algorithm import Federation, LayerSpec, get_algorithm
+from ilora.checkpoint import load_checkpoint, save_checkpoint
 from ilora.config import RunConfig, config_hash, method_options, to_dict
 from ilora.data import DataOptions, load_dataset
 from ilora.data.cache import cached_encode, preprocessing_key
@@ -163,14 +166,21 @@ def run_experiment(cfg: RunConfig, tracker: Any = None) -> dict[str, Any]:
         "finished": None,
     }
 
+    checkpoint_dir = run_dir / "checkpoint"
+    record["rounds"] = load_checkpoint(checkpoint_dir, sim.algorithm, record["config_hash"])
+    if record["rounds"]:
+        print(f"resuming {record['run_id']} after round {len(record['rounds'])}", file=sys.stderr)
+
     def on_round(r: RoundRecord) -> None:
         row = {**asdict(r), "overhead_share": r.overhead_share}
         record["rounds"].append(row)
+        if r.round < cfg.rounds:
+            save_checkpoint(checkpoint_dir, sim.algorithm, record["rounds"], record["config_hash"])
         if tracker is not None:
             tracker.log_round(row)
 
     try:
-        sim.run(on_round=on_round)
+        sim.run(start_round=len(record["rounds"]), on_round=on_round)
     except UserError:
         raise
     except Exception as exc:  # a crash mid-run is recorded, not hidden
@@ -184,6 +194,7 @@ def run_experiment(cfg: RunConfig, tracker: Any = None) -> dict[str, Any]:
     record["best_accuracy"] = max(accs) if accs else None
     record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_record(run_dir, record)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return record
 
 
