@@ -1,4 +1,4 @@
-"""Counted bytes per round against each method's formula in ALGORITHMS.md (head included).
+"""Counted bytes per round against each method's formula (docs/baselines.md, docs/ilora.md; head included).
 
 Per adapted layer (``d x k``) and sampled client ``i`` of rank ``r_i``:
 FedIT, LoRA-FAIR, ILoRA: ``r_i (d + k)`` up and down; ILoRA with control variates sends the same
@@ -48,7 +48,7 @@ def expected_bytes(method: str, algo, fed, sampling: list[list[int]]) -> list[tu
                 up += r * (D + K) + head
                 down += stacked * (D + K) + head
             else:
-                pytest.fail(f"no byte formula for method {method!r}: add it here and in ALGORITHMS.md")
+                pytest.fail(f"no byte formula for method {method!r}: add it here and in the docs")
         rows.append((up * size, down * size))
     return rows
 
