@@ -19,7 +19,8 @@ def add_data_parser(sub: Any) -> None:
     prep = dsub.add_parser(
         "prepare", help="download and cache datasets (on a connected machine): ilora data prepare NAME ..."
     )
-    prep.add_argument("names", nargs="+", help="dataset names, 'paper' (the hub datasets) or 'all'")
+    prep.add_argument("names", nargs="+",
+                      help="dataset or model names, 'paper' (the hub datasets and models) or 'all'")
     prep.add_argument("--data-dir", default=None,
                       help="also save the splits here (one dataset only); runs then take data_dir=DIR")
     prep.set_defaults(func=cmd_prepare)
@@ -32,19 +33,22 @@ def add_data_parser(sub: Any) -> None:
 
 
 def _expand(names: list[str]) -> list[str]:
+    """Dataset and model names; ``paper`` is every hub dataset and hub model, ``all`` adds the offline ones."""
     from ilora.data import available_datasets
+    from ilora.models.hub import HUB_REPOS
 
     known = available_datasets()
     out: list[str] = []
     for name in names:
         if name == "all":
-            out += list(known)
+            out += list(known) + list(HUB_REPOS)
         elif name == "paper":
-            out += [n for n, (_, offline) in known.items() if not offline]
-        elif name in known:
+            out += [n for n, (_, offline) in known.items() if not offline] + list(HUB_REPOS)
+        elif name in known or name in HUB_REPOS:
             out.append(name)
         else:
-            raise ConfigError(f"unknown dataset {name!r} (valid: {', '.join(known)}, paper, all)")
+            valid = ", ".join([*known, *HUB_REPOS])
+            raise ConfigError(f"unknown dataset or model {name!r} (valid: {valid}, paper, all)")
     return list(dict.fromkeys(out))
 
 
@@ -54,12 +58,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from ilora.data import DataOptions, load_dataset
     from ilora.data.hub import FASHION_MNIST, HUB_SOURCES, prepare
     from ilora.data.offline import FASHION_MNIST_DIR
+    from ilora.models.hub import HUB_REPOS, prepare_model
 
     names = _expand(args.names)
     if args.data_dir and len(names) != 1:
         raise ConfigError(f"--data-dir takes one dataset, got {len(names)}: {', '.join(names)}")
     rows = []
-    for name in names:
+    for name in [n for n in names if n in HUB_REPOS]:
+        print(f"prepared model {name}: {prepare_model(name)}", flush=True)
+    for name in [n for n in names if n not in HUB_REPOS]:
         if name in HUB_SOURCES:
             prepare(name, HUB_SOURCES[name], args.data_dir)
             source = f"hf:{HUB_SOURCES[name].repo}"

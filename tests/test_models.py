@@ -273,3 +273,12 @@ def test_image_lora_layers_expose_the_lora_linear_interface():
         assert isinstance(layer, LoRALinear)
         for attr in ("set_factors", "set_base_delta", "lora_A", "lora_B", "offset", "pretrained_weight"):
             assert hasattr(layer, attr)
+
+
+def test_prepare_model_offline_is_one_clear_line(capsys, monkeypatch):
+    from ilora.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["data", "prepare", "roberta_base"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: could not download model 'roberta_base'") and "\n" not in err

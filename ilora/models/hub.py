@@ -20,7 +20,13 @@ def prepare_model(name: str) -> Path:
     """Download ``name``'s weights into the Hugging Face cache (needs network); returns the snapshot."""
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(HUB_REPOS[name]))
+    try:
+        return Path(snapshot_download(HUB_REPOS[name]))
+    except Exception as exc:  # offline, no network, or the hub refused
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataUnavailable(
+            f"could not download model {name!r} ({HUB_REPOS[name]}) into {hub_cache_dir()}: {reason}"
+        ) from None
 
 
 def hub_cache_dir() -> str:
