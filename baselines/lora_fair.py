@@ -145,9 +145,7 @@ class LoRAFAIR(Algorithm):
 
     def _unit(self, cid: int) -> float:
         """``s_i / s_max`` when scales are folded, else 1."""
-        if not self.config.fold_scales:
-            return 1.0
-        return self.fed.scale(self.fed.ranks[cid]) / self.fed.scale(self.fed.max_rank)
+        return self.fed.scale_ratio(cid) if self.config.fold_scales else 1.0
 
     def download(self, cid: int) -> tuple[Message, ClientModel]:
         r = self.fed.ranks[cid]

@@ -99,6 +99,10 @@ class Federation:
     def scale(self, rank: int) -> float:
         return lora_scale(self.lora_alpha, rank, self.rslora)
 
+    def scale_ratio(self, cid: int) -> float:
+        """``s_i / s_max``: client ``cid``'s LoRA scale in units of the server's (rank ``r_max``) scale."""
+        return self.scale(self.ranks[cid]) / self.scale(self.max_rank)
+
     def generator(self, *salt: int) -> torch.Generator:
         """A CPU generator seeded from the run seed and ``salt`` (reproducible initialisations)."""
         g = torch.Generator()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -140,16 +140,30 @@ def inject_lora(
 
     Returns the injected layers by their module name. Raises if nothing matched.
     """
+    return _wrap_modules(
+        model, target_modules, lambda m: isinstance(m, nn.Linear), "nn.Linear",
+        lambda m: LoRALinear(m, rank, alpha, dropout, rslora),
+    )
+
+
+def _wrap_modules(
+    model: nn.Module,
+    target_modules: Iterable[str],
+    accepts: Callable[[nn.Module], bool],
+    kind: str,
+    wrap: Callable[[nn.Module], nn.Module],
+) -> dict[str, nn.Module]:
+    """Freeze ``model`` and replace each targeted module that ``accepts`` with ``wrap(module)``."""
     targets = list(target_modules)
     model.requires_grad_(False)
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, targets)]
+    found = [(n, m) for n, m in model.named_modules() if accepts(m) and _matches(n, targets)]
     if not found:
-        raise ValueError(f"no nn.Linear matched target_modules={targets}")
-    layers: dict[str, LoRALinear] = {}
+        raise ValueError(f"no {kind} matched target_modules={targets}")
+    layers = {}
     for name, module in found:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRALinear(module, rank, alpha, dropout, rslora)
+        layer = wrap(module)
         setattr(parent, child, layer)
         layers[name] = layer
     return layers
@@ -366,19 +380,7 @@ def inject_conv1x1_lora(
     rslora: bool = False,
 ) -> dict[str, LoRAConv1x1]:
     """Freeze ``model`` and wrap every targeted 1x1 ``nn.Conv2d`` in a ``LoRAConv1x1`` (in place)."""
-    targets = list(target_modules)
-    model.requires_grad_(False)
-    found = [
-        (n, m) for n, m in model.named_modules()
-        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and _matches(n, targets)
-    ]
-    if not found:
-        raise ValueError(f"no 1x1 nn.Conv2d matched target_modules={targets}")
-    layers: dict[str, LoRAConv1x1] = {}
-    for name, module in found:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRAConv1x1(module, rank, alpha, dropout, rslora)
-        setattr(parent, child, layer)
-        layers[name] = layer
-    return layers
+    return _wrap_modules(
+        model, target_modules, lambda m: isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1), "1x1 nn.Conv2d",
+        lambda m: LoRAConv1x1(m, rank, alpha, dropout, rslora),
+    )

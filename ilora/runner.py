@@ -141,13 +141,9 @@ def setup(cfg: RunConfig) -> tuple[Simulation, dict[str, Any]]:
     return sim, facts
 
 
-def run_experiment(cfg: RunConfig, tracker: Any = None) -> dict[str, Any]:
-    """Run ``cfg`` and write its results record; user errors propagate before anything is written."""
-    run_dir = Path(cfg.out_dir) / run_id_for(cfg)
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    torch.manual_seed(cfg.seed)
-    sim, facts = setup(cfg)  # UserError here: nothing written
-    record: dict[str, Any] = {
+def new_record(cfg: RunConfig, started: str) -> dict[str, Any]:
+    """The fields every results record has, before any round ran."""
+    return {
         "run_id": run_id_for(cfg),
         "status": "ok",
         "error": None,
@@ -157,14 +153,23 @@ def run_experiment(cfg: RunConfig, tracker: Any = None) -> dict[str, Any]:
         "dataset": cfg.dataset,
         "model": cfg.model,
         "seed": cfg.seed,
-        **facts,
         "rounds": [],
         "final_accuracy": None,
         "best_accuracy": None,
-        "versions": versions(),
         "started": started,
         "finished": None,
     }
+
+
+def run_experiment(cfg: RunConfig, tracker: Any = None) -> dict[str, Any]:
+    """Run ``cfg`` and write its results record; user errors propagate before anything is written."""
+    run_dir = Path(cfg.out_dir) / run_id_for(cfg)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    torch.manual_seed(cfg.seed)
+    sim, facts = setup(cfg)  # UserError here: nothing written
+    record = new_record(cfg, started)
+    record.update(facts)
+    record["versions"] = versions()
 
     checkpoint_dir = run_dir / "checkpoint"
     record["rounds"] = load_checkpoint(checkpoint_dir, sim.algorithm, record["config_hash"])

@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from ilora.config import PUBLIC_KEYS, RunConfig, available_presets, config_hash, resolve_config, to_dict
+from ilora.config import PUBLIC_KEYS, RunConfig, available_presets, resolve_config
 from ilora.errors import ConfigError
 
 BENCHMARK_ROOT = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -264,23 +264,17 @@ def run_one(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _failure_record(cfg: RunConfig, run_id: str, exc: BaseException, started: str) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "status": "failed",
-        "error": f"{type(exc).__name__}: {exc}".splitlines()[0],
-        "traceback": traceback.format_exc(),
-        "config": to_dict(cfg),
-        "config_hash": config_hash(cfg),
-        "method": cfg.method,
-        "dataset": cfg.dataset,
-        "model": cfg.model,
-        "seed": cfg.seed,
-        "rounds": [],
-        "final_accuracy": None,
-        "best_accuracy": None,
-        "started": started,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    from ilora.runner import new_record
+
+    record = new_record(cfg, started)
+    record.update(
+        run_id=run_id,
+        status="failed",
+        error=f"{type(exc).__name__}: {exc}".splitlines()[0],
+        traceback=traceback.format_exc(),
+        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    return record
 
 
 def _execute(runner: Runner, cfg: RunConfig, run_id: str) -> tuple[str, dict[str, Any], float]:
