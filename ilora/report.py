@@ -301,6 +301,15 @@ def _panels(bench: Benchmark, axes: dict[str, list[str]], skip: str | None = Non
     return names, list(_product(axes, names)) or [{}]
 
 
+def _method_cells(bench: Benchmark, axes: dict[str, list[str]], ok: pd.DataFrame, panel: dict):
+    """For each method (last row axis) of a panel: its labels and its records in that panel."""
+    for rl in _product(axes, bench.rows[-1:]):
+        sub = ok
+        for k, v in {**rl, **panel}.items():
+            sub = sub[sub[k] == v] if not sub.empty else sub
+        yield rl, sub
+
+
 def plot_rounds(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> list[Path]:
     """Accuracy against round, one line per method (last row axis), one panel per other cell."""
     axes = {a.name: list(a.values) for a in bench.axes(preset)}
@@ -308,10 +317,7 @@ def plot_rounds(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> 
     fig, panels = _figure(len(cols))
     ok = df[df["status"] == "ok"] if not df.empty else df
     for ax, cl in zip(panels, cols):
-        for rl in _product(axes, bench.rows[-1:]):
-            sub = ok
-            for k, v in {**rl, **cl}.items():
-                sub = sub[sub[k] == v] if not sub.empty else sub
+        for rl, sub in _method_cells(bench, axes, ok, cl):
             curves = [c for c in sub["curve"] if c] if not sub.empty else []
             if not curves:
                 continue
@@ -366,10 +372,7 @@ def plot_communication(bench: Benchmark, preset: str, df: pd.DataFrame, path: Pa
     fig, panels = _figure(len(cols))
     ok = df[df["status"] == "ok"] if not df.empty else df
     for ax, cl in zip(panels, cols):
-        for rl in _product(axes, bench.rows[-1:]):
-            sub = ok
-            for k, v in {**rl, **cl}.items():
-                sub = sub[sub[k] == v] if not sub.empty else sub
+        for rl, sub in _method_cells(bench, axes, ok, cl):
             if sub.empty:
                 continue
             name = display(_key(rl, bench.rows[-1:]))
