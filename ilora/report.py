@@ -290,7 +290,7 @@ def _save(fig: Any, path: Path) -> list[Path]:
     fig.tight_layout()
     out = [path.with_suffix(".png"), path.with_suffix(".pdf")]
     fig.savefig(out[0], dpi=120)
-    fig.savefig(out[1])
+    fig.savefig(out[1], metadata={"CreationDate": None})  # no timestamp: same records, same file
     plt.close(fig)
     return out
 
