@@ -13,23 +13,10 @@ from ilora.algorithm import (
     Algorithm,
     ClientModel,
     Message,
-    pad_A,
-    pad_B,
     register,
     standard_lora_init,
-    unflatten,
-    weighted_sum,
+    zero_padded_average,
 )
-
-
-def zero_padded_average(uploads: dict[int, Message], weights: dict[int, float], rank: int):
-    """``(sum p_i pad(A_i), sum p_i pad(B_i))`` per layer, padded to ``rank``."""
-    cids = list(uploads)
-    parts = [unflatten(uploads[c]) for c in cids]
-    w = [weights[c] for c in cids]
-    A = {n: weighted_sum((pad_A(p[0][n], rank) for p in parts), w) for n in parts[0][0]}
-    B = {n: weighted_sum((pad_B(p[1][n], rank) for p in parts), w) for n in parts[0][1]}
-    return A, B
 
 
 @register("fedit")

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from baselines.fedit import zero_padded_average
 from ilora.algorithm import (
     Algorithm,
     ClientModel,
     Message,
     register,
     standard_lora_init,
+    zero_padded_average,
 )
 
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from baselines.fedit import zero_padded_average
 from ilora.algorithm import (
     Algorithm,
     ClientModel,
@@ -35,6 +34,7 @@ from ilora.algorithm import (
     register,
     standard_lora_init,
     unflatten,
+    zero_padded_average,
 )
 
 CORRECTIONS = ("closed_form", "cosine")

@@ -180,6 +180,18 @@ def average(dicts: list[Mapping[str, Tensor]], weights: list[float]) -> dict[str
     return {k: weighted_sum((d[k] for d in dicts), weights) for k in dicts[0]}
 
 
+def zero_padded_average(
+    uploads: dict[int, Message], weights: dict[int, float], rank: int
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(sum p_i pad(A_i), sum p_i pad(B_i))`` per layer, padded to ``rank``."""
+    cids = list(uploads)
+    parts = [unflatten(uploads[c]) for c in cids]
+    w = [weights[c] for c in cids]
+    A = {n: weighted_sum((pad_A(p[0][n], rank) for p in parts), w) for n in parts[0][0]}
+    B = {n: weighted_sum((pad_B(p[1][n], rank) for p in parts), w) for n in parts[0][1]}
+    return A, B
+
+
 def standard_lora_init(fed: Federation, rank: int, salt: int = 0) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """PEFT's default LoRA init at ``rank``: ``A`` Kaiming-uniform (a = sqrt 5), ``B`` zero.
 

@@ -38,7 +38,7 @@ from ilora.algorithm import (
     register,
     standard_lora_init,
     unflatten,
-    weighted_sum,
+    zero_padded_average,
 )
 
 INITS = ("standard", "qr")
@@ -296,8 +296,7 @@ class ILoRA(Algorithm):
         parts = [unflatten(models[c]) for c in cids]
         w = [weights[c] for c in cids]
         if cfg.aggregate == "fedavg":
-            self.A = {n: weighted_sum((pad_A(p[0][n], r_max) for p in parts), w) for n in parts[0][0]}
-            self.B = {n: weighted_sum((pad_B(p[1][n], r_max) for p in parts), w) for n in parts[0][1]}
+            self.A, self.B = zero_padded_average(models, weights, r_max)
         else:
             self.A, self.B = {}, {}
             for n in parts[0][0]:
