@@ -304,10 +304,16 @@ def _panels(bench: Benchmark, axes: dict[str, list[str]], skip: str | None = Non
 def _method_cells(bench: Benchmark, axes: dict[str, list[str]], ok: pd.DataFrame, panel: dict):
     """For each method (last row axis) of a panel: its labels and its records in that panel."""
     for rl in _product(axes, bench.rows[-1:]):
-        sub = ok
-        for k, v in {**rl, **panel}.items():
-            sub = sub[sub[k] == v] if not sub.empty else sub
-        yield rl, sub
+        yield rl, _select(ok, {**rl, **panel})
+
+
+def _select(df: pd.DataFrame, cell: dict) -> pd.DataFrame:
+    """The rows of ``df`` whose columns equal every value in ``cell``."""
+    for k, v in cell.items():
+        if df.empty:
+            break
+        df = df[df[k] == v]
+    return df
 
 
 def plot_rounds(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> list[Path]:
@@ -345,9 +351,7 @@ def plot_x_axis(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> 
         for rl in _product(axes, bench.rows[-1:]):
             xs, ys, es = [], [], []
             for x in axes.get(axis, []):
-                sub = ok
-                for k, v in {**rl, **pl, axis: x}.items():
-                    sub = sub[sub[k] == v] if not sub.empty else sub
+                sub = _select(ok, {**rl, **pl, axis: x})
                 if not sub.empty:
                     xs.append(float(x))
                     ys.append(sub["accuracy"].mean())

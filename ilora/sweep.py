@@ -461,32 +461,32 @@ def cmd_compare(args: Any) -> int:
     return 0 if not summary.failed else 1
 
 
+def _common_options(parser: Any, run: bool) -> None:
+    """Options shared by ``sweep``, ``report`` and ``compare`` (``run``: those that launch runs)."""
+    parser.add_argument("--preset", default="cpu", help="paper | cpu | smoke (default cpu)")
+    if run:
+        parser.add_argument("--jobs", type=int, default=1, help="parallel processes (CPU threads are split)")
+        parser.add_argument("--retry-failed", action="store_true", help="also redo runs recorded as failed")
+    parser.add_argument("--out-dir", default=None, help="where run records live (default runs/<preset>)")
+    parser.add_argument("--results-dir", default="results", help="where tables and plots go")
+
+
 def add_sweep_parsers(sub: Any) -> None:
     """``ilora sweep``, ``ilora report`` and ``ilora compare``."""
     sweep = sub.add_parser("sweep", help="run benchmark grids: ilora sweep BENCHMARK... --preset P --jobs N")
     sweep.add_argument("items", nargs="*", help="benchmark names (or all), then key=value overrides")
-    sweep.add_argument("--preset", default="cpu", help="paper | cpu | smoke (default cpu)")
-    sweep.add_argument("--jobs", type=int, default=1, help="parallel processes (CPU threads are split)")
-    sweep.add_argument("--out-dir", default=None, help="where run records live (default runs/<preset>)")
-    sweep.add_argument("--retry-failed", action="store_true", help="also redo runs recorded as failed")
+    _common_options(sweep, run=True)
     sweep.add_argument("--report", action="store_true", help="build the tables and plots afterwards")
-    sweep.add_argument("--results-dir", default="results", help="where tables and plots go")
     sweep.set_defaults(func=cmd_sweep)
 
     rep = sub.add_parser("report", help="tables and plots from the results records")
     rep.add_argument("items", nargs="*", help="benchmark names (default all), then key=value overrides")
-    rep.add_argument("--preset", default="cpu", help="paper | cpu | smoke (default cpu)")
-    rep.add_argument("--out-dir", default=None, help="where run records live (default runs/<preset>)")
-    rep.add_argument("--results-dir", default="results", help="where tables and plots go")
+    _common_options(rep, run=False)
     rep.add_argument("--no-plots", action="store_true", help="tables only")
     rep.set_defaults(func=cmd_report)
 
     cmp_ = sub.add_parser("compare", help="all methods on one setting: run, rank, plot")
     cmp_.add_argument("overrides", nargs="*", help="key=value overrides of the setting, e.g. dataset=tweets")
-    cmp_.add_argument("--preset", default="cpu", help="paper | cpu | smoke (default cpu)")
     cmp_.add_argument("--benchmark", default="compare", help="the benchmark holding the setting")
-    cmp_.add_argument("--jobs", type=int, default=1, help="parallel processes")
-    cmp_.add_argument("--out-dir", default=None, help="where run records live (default runs/<preset>)")
-    cmp_.add_argument("--retry-failed", action="store_true", help="also redo runs recorded as failed")
-    cmp_.add_argument("--results-dir", default="results", help="where tables and plots go")
+    _common_options(cmp_, run=True)
     cmp_.set_defaults(func=cmd_compare)
