@@ -255,8 +255,12 @@ class Algorithm:
     def download(self, cid: int) -> tuple[Message, ClientModel]:
         raise NotImplementedError
 
-    def on_local_start(self, cid: int, full_gradient: Callable[[], Gradients]) -> None:
-        """Called after the model is loaded and before the first local step."""
+    def on_local_start(self, cid: int, full_gradient: Callable[..., Gradients]) -> None:
+        """Called after the model is loaded and before the first local step.
+
+        ``full_gradient(batch_means=False, eval_mode=False)`` computes the gradient of the client's
+        whole local loss at the loaded model (see ``Simulation.full_gradient``).
+        """
 
     def gradient_correction(self, cid: int) -> Gradients | None:
         """Tensors added to the gradients (flat names) before every optimiser step; ``None``: none."""

@@ -49,6 +49,7 @@ class RunConfig:
     # LoRA
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1
+    backbone_dropout: bool = True  # the pretrained network's own dropout active in local training (authors' code)
     rslora: bool = False
     lora_targets: str | None = None  # a backbone's choice of adapted layers (efficientnet_lite0); None: its default
     # method switches shared by several methods (None: the method's own default)

@@ -44,7 +44,9 @@ from ilora.algorithm import (
 INITS = ("standard", "qr")
 AGGREGATES = ("fedavg", "concat_qr")
 QR_MODES = ("householder", "pivoted", "svd")
-OFFSETS = ("exact", "code")
+OFFSETS = ("code", "exact")
+CV_ESTIMATORS = ("code", "scaffold")
+FACTOR_SPLITS = ("qr", "balanced", "keepnorm")
 CV_PREFIX = "cv/"
 
 
@@ -61,14 +63,18 @@ class ILoRAConfig:
     aggregate: str = "concat_qr"  # fedavg (zero-padded A, B separately) | concat_qr
     control_variates: bool = False  # rank-aware SCAFFOLD (option I) on the factors and the head
     qr_mode: str = "householder"  # householder (as published) | pivoted | svd (best rank-r truncation)
-    offset: str = "exact"  # exact: base W0 - s B0 A0 | code: the authors' code's W0 - B0 A0
+    offset: str = "code"  # code: the authors' code's W0 - B0 A0 | exact: base W0 - s B0 A0
     init_norm: float | None = 1e-4  # QR init scaled so ||B A||_F = init_norm sqrt(d k); None: unscaled
+    cv_estimator: str = "code"  # code: the authors' c_i (eval mode, sum of batch-mean grads / n) | scaffold
+    factor_split: str = "qr"  # qr (published: B = Q, A = R) | balanced (U sqrt S, sqrt S V^T) | keepnorm
 
     def __post_init__(self) -> None:
         _check_choice("init", self.init, INITS)
         _check_choice("aggregate", self.aggregate, AGGREGATES)
         _check_choice("qr_mode", self.qr_mode, QR_MODES)
         _check_choice("offset", self.offset, OFFSETS)
+        _check_choice("cv_estimator", self.cv_estimator, CV_ESTIMATORS)
+        _check_choice("factor_split", self.factor_split, FACTOR_SPLITS)
         if not isinstance(self.control_variates, bool):
             raise ValueError(f"control_variates must be true or false, got {self.control_variates!r}")
         norm = self.init_norm
@@ -150,6 +156,33 @@ def concat_qr(
     return low_rank_factors(B_c, A_c, rank, mode)
 
 
+def split_factors(B: Tensor, A: Tensor, rank: int, how: str = "qr", kappa: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Rank-``rank`` factors of the truncated aggregate ``B[:, :rank] @ A[:rank]``, split ``how``.
+
+    ``B`` has orthonormal columns (as ``low_rank_factors`` returns it). Every split has the same product:
+    - ``qr``: ``B[:, :r]``, ``A[:r]`` as they are (published: all the magnitude in ``A``);
+    - ``balanced``: ``U sqrt(S)`` and ``sqrt(S) V^T`` of the truncated product (an SVD of the small
+      ``r x k`` matrix ``A[:r]``, since ``B[:, :r]`` is orthonormal);
+    - ``keepnorm``: ``kappa B[:, :r]`` and ``A[:r] / kappa`` (``kappa``: the uploaded ``B``'s column norm).
+    """
+    _check_choice("factor_split", how, FACTOR_SPLITS)
+    B_r, A_r = B[:, :rank], A[:rank]
+    if how == "keepnorm":
+        return B_r * kappa, A_r / kappa
+    if how == "balanced":
+        U, S, Vh = torch.linalg.svd(A_r.double(), full_matrices=False)
+        root = S.sqrt()
+        return (B_r.double() @ (U * root)).to(B.dtype), (root[:, None] * Vh).to(A.dtype)
+    return B_r, A_r
+
+
+def mean_column_norm(Bs: Sequence[Tensor]) -> float:
+    """The mean Euclidean norm of the columns of all ``Bs`` (1.0 if they are all zero)."""
+    norms = torch.cat([torch.linalg.vector_norm(b.double(), dim=0) for b in Bs])
+    value = float(norms.mean()) if norms.numel() else 0.0
+    return value if value > 0 else 1.0
+
+
 def _pad_flat(name: str, t: Tensor, rank: int) -> Tensor:
     """Zero-pad a flat-named tensor to ``rank`` (rows of ``lora_A``, columns of ``lora_B``)."""
     if name.startswith("lora_A/"):
@@ -196,6 +229,7 @@ class ILoRA(Algorithm):
         A0, B0 = self.initial_factors(r_max)
         self.A, self.B = dict(A0), dict(B0)  # global factors at r_max (replaced, never modified in place)
         self.aggregated = False  # before the first aggregation, clients start from their own init
+        self.kappa: dict[str, float] = {}  # per layer: mean column norm of the uploaded B (keepnorm split)
         self.c: Message = {}  # server control variate at r_max
         self._c_new: dict[int, Message] = {}  # c_i_new of the clients training this round
         if cfg.control_variates:
@@ -250,8 +284,7 @@ class ILoRA(Algorithm):
     def download(self, cid: int) -> tuple[Message, ClientModel]:
         r = self.fed.ranks[cid]
         if self.aggregated:
-            A = {n: a[:r].clone() for n, a in self.A.items()}
-            B = {n: b[:, :r].clone() for n, b in self.B.items()}
+            A, B = self.global_factors(r)
         else:
             A0, B0 = self.initial_factors(r)
             A, B = {n: a.clone() for n, a in A0.items()}, {n: b.clone() for n, b in B0.items()}
@@ -264,11 +297,27 @@ class ILoRA(Algorithm):
             message.update({CV_PREFIX + k: _cut_flat(k, v, r) for k, v in self.c.items()})
         return message, model
 
-    def on_local_start(self, cid: int, full_gradient: Callable[[], Gradients]) -> None:
-        """Option I: ``c_i_new`` = the full local gradient at the received model."""
+    def global_factors(self, rank: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The aggregated ``(A, B)`` at ``rank``; after concatenated QR split as ``factor_split`` says."""
+        if self.config.aggregate != "concat_qr":
+            return {n: a[:rank].clone() for n, a in self.A.items()}, {n: b[:, :rank].clone() for n, b in self.B.items()}
+        A, B = {}, {}
+        for n in self.A:
+            B[n], A[n] = split_factors(self.B[n], self.A[n], rank, self.config.factor_split, self.kappa.get(n, 1.0))
+            B[n], A[n] = B[n].clone(), A[n].clone()
+        return A, B
+
+    def on_local_start(self, cid: int, full_gradient: Callable[..., Gradients]) -> None:
+        """Option I: ``c_i_new`` = the full local gradient at the received model.
+
+        ``cv_estimator=code`` computes it as the authors' code does (model in eval mode, gradients of
+        each batch's mean loss summed and divided by the number of examples); ``scaffold`` is the true
+        mean gradient in training mode.
+        """
         if self.config.control_variates:
             old = self.client_state(cid)["c"]
-            grads = full_gradient()
+            code = self.config.cv_estimator == "code"
+            grads = full_gradient(batch_means=code, eval_mode=code)
             self._c_new[cid] = {k: grads[k].detach().to(old[k]) for k in old}
 
     def gradient_correction(self, cid: int) -> Gradients | None:
@@ -300,8 +349,10 @@ class ILoRA(Algorithm):
         else:
             self.A, self.B = {}, {}
             for n in parts[0][0]:
-                B, A = concat_qr([p[1][n] for p in parts], [p[0][n] for p in parts], w, r_max, cfg.qr_mode)
+                Bs = [p[1][n] for p in parts]
+                B, A = concat_qr(Bs, [p[0][n] for p in parts], w, r_max, cfg.qr_mode)
                 self.A[n], self.B[n] = A.to(self.fed.dtype), B.to(self.fed.dtype)
+                self.kappa[n] = mean_column_norm(Bs)
         self.average_head(models, weights)
         if cfg.control_variates:
             n_clients = self.fed.num_clients
@@ -313,8 +364,8 @@ class ILoRA(Algorithm):
     def eval_model(self) -> ClientModel:
         """The global adapter at ``r_max`` on the base of a rank-``r_max`` client."""
         r_max = self.fed.max_rank
-        return ClientModel(A=self.A, B=self.B, head=self.head, scale=self.fed.scale(r_max),
-                           offsets=self.offsets(r_max))
+        A, B = self.global_factors(r_max) if self.aggregated else (self.A, self.B)
+        return ClientModel(A=A, B=B, head=self.head, scale=self.fed.scale(r_max), offsets=self.offsets(r_max))
 
 
 @register("ilora_s")

@@ -79,6 +79,7 @@ class Table:
     display: pd.DataFrame  # strings; bold marked with ** (Markdown) -- converted for LaTeX
     tidy: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    reference: str | None = None  # the row label of the paired differences (e.g. fedit)
 
 
 def _key(labels: dict[str, str], axes: list[str]) -> str:
@@ -88,7 +89,7 @@ def _key(labels: dict[str, str], axes: list[str]) -> str:
 def _fmt(mean: float, std: float, n: int) -> str:
     if n == 0 or math.isnan(mean):
         return ""
-    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+    return f"{mean:.2f} ± {std:.2f} (n={n})" if n > 1 else f"{mean:.2f} (n=1)"
 
 
 def _matches(known_cell: dict[str, Any], row: dict[str, str], column: dict[str, str] | None) -> bool:
@@ -96,98 +97,161 @@ def _matches(known_cell: dict[str, Any], row: dict[str, str], column: dict[str, 
     return all(str(v) == labels.get(k) for k, v in known_cell.items()) and set(known_cell) == set(labels)
 
 
+Seeds = dict[str, float]  # seed label -> final accuracy (percent) of an ok run
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A paired difference over the seeds two cells share: mean and its 95% t-interval."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def significant(self) -> bool:
+        return self.n > 1 and (self.low > 0 or self.high < 0)
+
+    def text(self) -> str:
+        if self.n == 0:
+            return ""
+        if self.n == 1:
+            return f"{self.mean:+.2f} (n=1)"
+        return f"{self.mean:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
+
+
+def summarize(values: Seeds) -> tuple[float, float, int]:
+    """Mean, sample standard deviation and count of the per-seed values."""
+    acc = np.array(list(values.values()), dtype=float)
+    if not acc.size:
+        return math.nan, math.nan, 0
+    return float(acc.mean()), float(acc.std(ddof=1)) if acc.size > 1 else 0.0, int(acc.size)
+
+
+def paired_difference(a: Seeds, b: Seeds, level: float = 0.95) -> Paired:
+    """``a - b`` over the seeds both have (same seeds: same partitions and sampling), with a t-interval."""
+    from scipy import stats
+
+    common = [k for k in a if k in b]
+    d = np.array([a[k] - b[k] for k in common], dtype=float)
+    if d.size == 0:
+        return Paired(math.nan, math.nan, math.nan, 0)
+    mean = float(d.mean())
+    if d.size == 1:
+        return Paired(mean, math.nan, math.nan, 1)
+    half = float(stats.t.ppf(0.5 + level / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
+    return Paired(mean, mean - half, mean + half, int(d.size))
+
+
+def reference_label(bench: Benchmark, preset: str) -> str | None:
+    """The row label every other row is compared with (``table.reference``, default ``fedit``)."""
+    last = bench.rows[-1] if bench.rows else None
+    labels = {a.name: list(a.values) for a in bench.axes(preset)}.get(last or "", [])
+    ref = bench.reference or "fedit"
+    return ref if ref in labels else None
+
+
 def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
-    """The paper's layout: one row per row label, one column per column label (+ average)."""
+    """The paper's layout: one row per row label, one column per column label (+ average).
+
+    A cell is the mean ± std over seeds with its count; next to each column, every row's paired
+    difference to the reference row (FedIT unless the benchmark names another) over the same seeds,
+    with a 95% t-interval. Within each group of rows (rows that differ only in the method), the best
+    mean is bold only when its paired interval against the runner-up excludes zero.
+    """
     row_axes, col_axes = bench.rows, bench.columns
     axes = {a.name: list(a.values) for a in bench.axes(preset)}
     row_keys = list(_product(axes, row_axes))
     col_keys = list(_product(axes, col_axes))
     known = bench.known_for(preset)
     ok = df[df["status"] == "ok"] if not df.empty else df
+    ref = reference_label(bench, preset)
+    method_axis = row_axes[-1] if row_axes else None
 
-    def cell_runs(rl: dict[str, str], cl: dict[str, str]) -> pd.DataFrame:
-        if df.empty:
-            return df
-        mask = np.ones(len(df), dtype=bool)
-        for k, v in {**rl, **cl}.items():
-            mask &= (df[k] == v).to_numpy()
-        return df[mask]
+    def seeds_of(sub: pd.DataFrame) -> Seeds:
+        if sub.empty:
+            return {}
+        good = sub[sub["status"] == "ok"]
+        seed_col = good["seed"] if "seed" in good else pd.Series(["-"] * len(good), index=good.index)
+        return {str(k): float(v) for k, v in zip(seed_col, good["accuracy"]) if not math.isnan(v)}
 
-    tidy_rows, means, papers = [], {}, {}
+    columns = [_key(cl, col_axes) for cl in col_keys]
+    values: dict[tuple[str, str], Seeds] = {}
+    statuses: dict[tuple[str, str], list[str]] = {}
+    cells: dict[tuple[str, str], pd.DataFrame] = {}
     for rl in row_keys:
         for cl in col_keys:
-            sub = cell_runs(rl, cl)
-            good = sub[sub["status"] == "ok"] if not sub.empty else sub
-            acc = good["accuracy"].to_numpy(dtype=float) if not good.empty else np.array([])
-            mean = float(acc.mean()) if acc.size else math.nan
-            std = float(acc.std(ddof=1)) if acc.size > 1 else 0.0
-            statuses = sorted(set(sub["status"])) if not sub.empty else []
             key = (_key(rl, row_axes), _key(cl, col_axes))
-            means[key] = (mean, std, int(acc.size), statuses)
-            paper = _known_value(known, rl, cl)
-            diff = (mean - paper) if paper is not None and acc.size else None
-            papers[key] = (paper, diff)
+            sub = _select(df, {**rl, **cl})
+            cells[key] = sub
+            values[key] = seeds_of(sub)
+            statuses[key] = sorted(set(sub["status"])) if not sub.empty else []
+    if bench.average and len(col_keys) > 1:
+        for rl in row_keys:
+            r = _key(rl, row_axes)
+            per_col = [values[(r, c)] for c in columns]
+            common = set.intersection(*(set(v) for v in per_col))
+            values[(r, AVERAGE)] = {k: float(np.mean([v[k] for v in per_col])) for k in per_col[0] if k in common}
+            statuses[(r, AVERAGE)] = []
+            cells[(r, AVERAGE)] = df.iloc[0:0]
+        columns.append(AVERAGE)
+
+    def ref_row(rl: dict[str, str]) -> str | None:
+        return None if ref is None or method_axis is None else _key({**rl, method_axis: ref}, row_axes)
+
+    tidy_rows = []
+    out: dict[str, list[str]] = {" / ".join(row_axes) or "run": [" / ".join(display(rl[a]) for a in row_axes)
+                                                                  for rl in row_keys]}
+    groups = [tuple(rl[a] for a in row_axes[:-1]) for rl in row_keys]
+    for col in columns:
+        col_labels = {a: AVERAGE for a in col_axes} if col == AVERAGE else \
+            next(cl for cl in col_keys if _key(cl, col_axes) == col)
+        bold = _significant_best(row_keys, groups, [values[(_key(rl, row_axes), col)] for rl in row_keys])
+        texts, diffs, papers, deltas = [], [], [], []
+        for i, rl in enumerate(row_keys):
+            r = _key(rl, row_axes)
+            mean, std, n = summarize(values[(r, col)])
+            text = _fmt(mean, std, n)
+            if not text and statuses[(r, col)] and "ok" not in statuses[(r, col)]:
+                text = "/".join(s for s in statuses[(r, col)] if s != "missing")
+            texts.append(f"**{text}**" if i in bold else text)
+            rr = ref_row(rl)
+            pair = paired_difference(values[(r, col)], values[(rr, col)]) if rr and rr != r else None
+            diffs.append("ref." if rr == r else (pair.text() if pair else ""))
+            paper = _known_value(known, rl, col_labels)
+            papers.append(paper)
+            deltas.append(mean - paper if paper is not None and n else None)
+            sub = cells[(r, col)]
+            good = sub[sub["status"] == "ok"] if not sub.empty else sub
             tidy_rows.append({
-                **rl, **cl, "n": int(acc.size), "mean": mean, "std": std if acc.size else math.nan,
-                "paper": paper, "diff": diff,
+                **rl, **col_labels, "n": n, "mean": mean, "std": std if n else math.nan,
+                "ref": ref if rr and rr != r else "",
+                "diff_ref": pair.mean if pair and pair.n else math.nan,
+                "diff_ref_low": pair.low if pair else math.nan, "diff_ref_high": pair.high if pair else math.nan,
+                "significant": bool(pair.significant) if pair else False,
+                "best": i in bold, "paper": paper, "diff": deltas[-1],
                 "comm_mb": float(good["comm_mb"].mean()) if not good.empty else math.nan,
                 "up_mb": float(good["up_mb"].mean()) if not good.empty else math.nan,
                 "down_mb": float(good["down_mb"].mean()) if not good.empty else math.nan,
-                "statuses": ";".join(statuses),
+                "statuses": ";".join(statuses[(r, col)]),
                 "run_ids": ";".join(sub["run_id"]) if not sub.empty else "",
             })
-    columns = [_key(cl, col_axes) for cl in col_keys]
-    if bench.average and len(col_keys) > 1:
-        avg_labels = {a: AVERAGE for a in col_axes}
-        for rl in row_keys:
-            vals = [means[(_key(rl, row_axes), c)][0] for c in columns]
-            avg = float(np.mean(vals)) if vals and not any(math.isnan(v) for v in vals) else math.nan
-            n = 0 if math.isnan(avg) else 1
-            key = (_key(rl, row_axes), AVERAGE)
-            means[key] = (avg, 0.0, n, [])
-            paper = _known_value(known, rl, avg_labels)
-            diff = (avg - paper) if paper is not None and n else None
-            papers[key] = (paper, diff)
-            tidy_rows.append({**rl, **avg_labels, "n": n, "mean": avg, "std": math.nan, "paper": paper,
-                              "diff": diff, "comm_mb": math.nan, "up_mb": math.nan, "down_mb": math.nan,
-                              "statuses": "", "run_ids": ""})
-        columns.append(AVERAGE)
+        out[col] = texts
+        if ref is not None and len(row_keys) > 1:
+            out[f"{col} Δ {display(ref)} [95% CI]"] = diffs
+        if any(p is not None for p in papers):
+            out[f"{col} paper"] = [_num(p, "{:.2f}") for p in papers]
+            out[f"{col} Δ paper"] = [_num(d, "{:+.2f}") for d in deltas]
     tidy = pd.DataFrame(tidy_rows)
 
-    # display frame
-    out: dict[str, list[str]] = {}
-    row_names = [_key(rl, row_axes) for rl in row_keys]
-    out[" / ".join(row_axes) or "run"] = [" / ".join(display(rl[a]) for a in row_axes) for rl in row_keys]
-    for col in columns:
-        vals = [means[(r, col)] for r in row_names]
-        # best per column, within each group of rows that differ only in the last row axis (the method)
-        groups = [tuple(rl[a] for a in row_axes[:-1]) for rl in row_keys]
-        best_of: dict[tuple[str, ...], float] = {}
-        for g, (m, _, n, _) in zip(groups, vals):
-            if n and not math.isnan(m):
-                best_of[g] = max(best_of.get(g, -math.inf), m)
-        texts = []
-        for g, (mean, std, n, statuses) in zip(groups, vals):
-            best = best_of.get(g)
-            text = _fmt(mean, std, n) if col != AVERAGE else (f"{mean:.2f}" if n else "")
-            if not text and statuses and "ok" not in statuses:
-                text = "/".join(s for s in statuses if s != "missing")
-            if n and best is not None and mean == best:
-                text = f"**{text}**"
-            texts.append(text)
-        out[col] = texts
-        if any(papers[(r, col)][0] is not None for r in row_names):
-            out[f"{col} paper"] = [_num(papers[(r, col)][0], "{:.2f}") for r in row_names]
-            out[f"{col} Δ"] = [_num(papers[(r, col)][1], "{:+.2f}") for r in row_names]
     # communication: one column per model in the table
     ok_models = sorted(set(ok["model"])) if not ok.empty else []
     for model in ok_models or [None]:
         name = "MB/client/round" + (f" ({model})" if len(ok_models) > 1 else "")
         vals = []
         for rl in row_keys:
-            sub = ok
-            for k, v in rl.items():
-                sub = sub[sub[k] == v] if not sub.empty else sub
+            sub = _select(ok, rl)
             if model is not None and not sub.empty:
                 sub = sub[sub["model"] == model]
             vals.append(f"{sub['comm_mb'].mean():.3f}" if not sub.empty else "")
@@ -195,10 +259,25 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
     notes = [f"{k.get('note')}" for k in known if k.get("note")]
     other = [k for k in bench.known if k.get("preset", "paper") != preset]
     if other:
-        ref = "; ".join(f"{_cell_text(k['cell'])}: {k['value']:.2f}" for k in other)
+        ref_text = "; ".join(f"{_cell_text(k['cell'])}: {k['value']:.2f}" for k in other)
         notes.append(f"The paper's known numbers for this table (its own setting, not comparable to these "
-                     f"stand-in cells): {ref}.")
-    return Table(bench.title, pd.DataFrame(out), tidy, sorted(set(notes), key=notes.index))
+                     f"stand-in cells): {ref_text}.")
+    return Table(bench.title, pd.DataFrame(out), tidy, sorted(set(notes), key=notes.index), ref)
+
+
+def _significant_best(row_keys: list[dict[str, str]], groups: list[tuple[str, ...]], values: list[Seeds]) -> set[int]:
+    """Indices of rows whose mean is the best of their group by a margin outside the 95% interval.
+
+    The leader is compared with the runner-up over their shared seeds; a lead inside the noise (or
+    a single seed) is not marked.
+    """
+    bold = set()
+    for g in dict.fromkeys(groups):
+        members = [i for i, gg in enumerate(groups) if gg == g and values[i]]
+        ranked = sorted(members, key=lambda i: summarize(values[i])[0], reverse=True)
+        if len(ranked) >= 2 and paired_difference(values[ranked[0]], values[ranked[1]]).significant:
+            bold.add(ranked[0])
+    return bold
 
 
 def _known_value(known: list[dict[str, Any]], row: dict[str, str], column: dict[str, str]) -> float | None:
@@ -231,8 +310,14 @@ def to_markdown(table: Table, preset: str, description: str = "") -> str:
         lines += [description, ""]
     lines += [table.display.to_markdown(index=False, disable_numparse=True), ""]
     lines += [f"- {n}" for n in table.notes]
-    lines += ["- Accuracy in percent (final round, mean ± std over seeds); best per column in bold; "
-              "MB/client/round = (uplink + downlink) per participating client, mean over rounds."]
+    lines += ["- Accuracy in percent: final round, mean ± sample std over seeds, n = number of seeds."]
+    if table.reference:
+        lines += [f"- Δ {display(table.reference)} [95% CI]: each row's paired difference to "
+                  f"{display(table.reference)} over the same seeds (same partitions and client sampling), "
+                  "mean and 95% t-interval; an interval that contains 0 means the difference is inside the noise."]
+    lines += ["- Bold: the best mean of its group, only where its paired 95% interval against the runner-up "
+              "excludes 0 (no bold: the lead is inside the noise).",
+              "- MB/client/round = (uplink + downlink) per participating client, mean over rounds."]
     return "\n".join(lines) + "\n"
 
 
@@ -328,15 +413,20 @@ def plot_rounds(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> 
             if not curves:
                 continue
             length = min(len(c) for c in curves)
-            mean = np.mean([c[:length] for c in curves], axis=0)
-            ax.plot(range(1, length + 1), mean, marker="o", ms=3, label=display(_key(rl, bench.rows[-1:])))
+            stacked = np.array([c[:length] for c in curves])
+            mean, xs = stacked.mean(axis=0), np.arange(1, length + 1)
+            label = display(_key(rl, bench.rows[-1:])) + (f" (n={len(curves)})" if len(curves) > 1 else "")
+            (line,) = ax.plot(xs, mean, marker="o", ms=3, label=label)
+            if len(curves) > 1:
+                std = stacked.std(axis=0, ddof=1)
+                ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_title(_key(cl, names) if cl else bench.name, fontsize=9)
         ax.set_xlabel("round")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
     if panels and panels[0].get_legend_handles_labels()[0]:
         panels[0].legend(fontsize=7)
-    fig.suptitle(f"{bench.title} ({preset})", fontsize=10)
+    fig.suptitle(f"{bench.title} ({preset}; seed mean, band ± 1 std)", fontsize=10)
     return _save(fig, path)
 
 

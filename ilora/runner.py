@@ -106,6 +106,7 @@ def setup(cfg: RunConfig) -> tuple[Simulation, dict[str, Any]]:
             image_size=cfg.image_size, lora_targets=cfg.lora_targets, seed=seeds["head"],
         ),
     ).to(device)
+    backbone.module.backbone_dropout = cfg.backbone_dropout
     train = cached_encode(backbone.encode, data.train, preprocessing_key(cfg, "train"))
     client_data = [{k: v[torch.from_numpy(idx)].to(device) for k, v in train.items()} for idx in parts]
     test = cached_encode(backbone.encode, data.test, preprocessing_key(cfg, "test"))

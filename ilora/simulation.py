@@ -52,6 +52,7 @@ class RoundRecord:
     aggregate_s: float
     eval_s: float
     wall_s: float
+    first_step_update: float = float("nan")  # mean over clients of ||s B A change|| from the first local step
 
     @property
     def overhead_share(self) -> float:
@@ -90,14 +91,15 @@ class Simulation:
         for t in rounds:
             wall0 = self._now()
             self._compute_s = 0.0
-            uploads, uplink, downlink, train_losses = {}, 0, 0, []
+            uploads, uplink, downlink, train_losses, first_steps = {}, 0, 0, [], []
             for cid in tqdm(self.sampling[t], desc=f"round {t}", leave=False, disable=not self.config.progress):
                 message, model = algo.download(cid)
                 downlink += message_bytes(message)
-                trained, loss = self.train_client(t, cid, model)
+                trained, loss, first_step = self.train_client(t, cid, model)
                 uploads[cid] = algo.upload(cid, trained)
                 uplink += message_bytes(uploads[cid])
                 train_losses.append(loss)
+                first_steps.append(first_step)
             train_s = self._now() - wall0
 
             total = sum(sizes[c] for c in uploads)
@@ -113,7 +115,7 @@ class Simulation:
                 round=t + 1, clients=list(uploads), accuracy=accuracy, loss=loss,
                 train_loss=float(np.mean(train_losses)), uplink_bytes=uplink, downlink_bytes=downlink,
                 train_s=train_s, compute_s=self._compute_s, aggregate_s=aggregate_s, eval_s=eval_s,
-                wall_s=self._now() - wall0,
+                wall_s=self._now() - wall0, first_step_update=float(np.mean(first_steps)),
             )
             records.append(record)
             rounds.set_postfix(acc=f"{accuracy:.4f}", loss=f"{loss:.3f}")
@@ -124,8 +126,12 @@ class Simulation:
         return records
 
     # ---------------------------------------------------------------------------- local training
-    def train_client(self, round_index: int, cid: int, model: ClientModel) -> tuple[ClientModel, float]:
-        """Train client ``cid`` from ``model`` on its data; return the trained tensors and mean loss."""
+    def train_client(self, round_index: int, cid: int, model: ClientModel) -> tuple[ClientModel, float, float]:
+        """Train client ``cid`` from ``model`` on its data.
+
+        Returns the trained tensors, the mean training loss, and the Frobenius norm of the change of
+        the adapters' product ``s B A`` (all layers together) made by the first optimiser step.
+        """
         cfg, algo, data = self.config, self.algorithm, self.client_data[cid]
         torch.manual_seed(int(np.random.SeedSequence([self.seed, round_index, cid]).generate_state(1)[0]))
         rng = np.random.default_rng([self.seed, round_index, cid])
@@ -135,10 +141,11 @@ class Simulation:
         trainable = [p for p in params.values() if p.requires_grad]
         optimizer = make_optimizer(cfg, trainable)
 
-        algo.on_local_start(cid, lambda: self.full_gradient(data, params))
+        algo.on_local_start(cid, lambda **how: self.full_gradient(data, params, **how))
         correction = algo.gradient_correction(cid)
-        losses = []
+        losses, first_step = [], float("nan")
         for batch in self._batches(data, cfg.batch_size, rng, cfg.local_epochs, cfg.local_steps):
+            before = None if losses else self._factors()
             t0 = self._now()
             with self._autocast():
                 loss = F.cross_entropy(self.backbone(batch).float(), batch["labels"])
@@ -153,19 +160,48 @@ class Simulation:
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
             self._compute_s += self._now() - t0
+            if before is not None:
+                first_step = self._product_change(before, model.scale)
         mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
-        return self.read(model), mean_loss
+        return self.read(model), mean_loss, first_step
 
-    def full_gradient(self, data: Batch, params: dict[str, torch.nn.Parameter]) -> Gradients:
-        """Gradient of the mean loss over all of ``data`` at the current parameters (no step)."""
+    def _factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        return {n: (l.lora_A.detach().clone(), l.lora_B.detach().clone()) for n, l in self.backbone.lora_layers.items()}
+
+    @torch.no_grad()
+    def _product_change(self, before: dict[str, tuple[Tensor, Tensor]], scale: float) -> float:
+        """``||s (B' A' - B A)||_F`` over all layers, from the thin factors (``[B', -B] [A'; A]``)."""
+        total = 0.0
+        for n, layer in self.backbone.lora_layers.items():
+            A0, B0 = before[n]
+            X = torch.cat([layer.lora_B, -B0], dim=1).double()
+            Y = torch.cat([layer.lora_A, A0], dim=0).double()
+            total += float(((X.T @ X) * (Y @ Y.T)).sum().clamp_min(0.0))  # ||X Y||_F^2 = <X^T X, Y Y^T>
+        return abs(scale) * total**0.5
+
+    def full_gradient(
+        self, data: Batch, params: dict[str, torch.nn.Parameter], batch_means: bool = False, eval_mode: bool = False
+    ) -> Gradients:
+        """Gradient of the loss over all of ``data`` at the current parameters (no step).
+
+        Default: the mean loss over the examples (the true full gradient), in training mode.
+        ``batch_means``: the gradients of each batch's mean loss, summed and divided by the number of
+        examples (about ``1 / batch_size`` of the mean gradient); ``eval_mode``: dropout off.
+        """
         module = self.backbone.module
+        if eval_mode:
+            module.eval()
         for p in params.values():
             p.grad = None
         n = len(data["labels"])
         for batch in self._batches(data, self.config.batch_size, None, 1, None):
             t0 = self._now()
             with self._autocast():
-                loss = F.cross_entropy(self.backbone(batch).float(), batch["labels"], reduction="sum") / n
+                logits = self.backbone(batch).float()
+                if batch_means:
+                    loss = F.cross_entropy(logits, batch["labels"]) / n
+                else:
+                    loss = F.cross_entropy(logits, batch["labels"], reduction="sum") / n
             loss.backward()
             self._compute_s += self._now() - t0
         grads = {k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for k, p in params.items()}

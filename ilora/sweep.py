@@ -74,6 +74,7 @@ class Benchmark:
     known: list[dict[str, Any]]
     path: Path
     x_axis: str | None = None  # the column axis plotted on x (e.g. dirichlet_alpha), if any
+    reference: str | None = None  # the row label of the paired differences (default: fedit, if present)
 
     def axes(self, preset: str) -> list[Axis]:
         if preset not in self.presets:
@@ -166,6 +167,7 @@ def load_benchmark(name: str, root: Path | None = None) -> Benchmark:
         known=list(data.get("known") or []),
         path=path,
         x_axis=table.get("x_axis"),
+        reference=table.get("reference"),
     )
     for preset in bench.presets:
         axes = {a.name for a in bench.axes(preset)}

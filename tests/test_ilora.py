@@ -26,8 +26,10 @@ from ilora.method import (
     concat_factors,
     concat_qr,
     low_rank_factors,
+    mean_column_norm,
+    split_factors,
 )
-from ilora.models import Backbone, head_parameters
+from ilora.models import Backbone, FrozenBackboneModule, head_parameters
 from ilora.simulation import Simulation, TrainConfig, load_client_model
 
 F64 = torch.float64
@@ -167,7 +169,7 @@ def outputs(backbone: Backbone, model: ClientModel, x: torch.Tensor, train: bool
 def test_model_at_qr_init_equals_pretrained(train):
     ranks = [2, 3, 5]
     pretrained, backbone, fed, _, _ = tiny(ranks, dropout=0.5 if train else 0.0)
-    algo = ILoRA(fed)
+    algo = ILoRA(fed, ILoRAConfig(offset="exact"))
     x = torch.randn(16, 12, dtype=F64)
     with torch.no_grad():
         ref = pretrained({"x": x})
@@ -180,7 +182,7 @@ def test_model_at_qr_init_equals_pretrained(train):
 
 def test_qr_init_factors_are_nested_scaled_and_offset():
     pretrained, backbone, fed, _, _ = tiny([2, 4])
-    algo = ILoRA(fed)
+    algo = ILoRA(fed, ILoRAConfig(offset="exact"))
     (_, m2), (_, m4) = algo.download(0), algo.download(1)
     for name, spec in fed.layers.items():
         W0 = pretrained.get_submodule(name).weight.detach()
@@ -296,7 +298,7 @@ def cv_round(algo: ILoRA, cids: list[int], seed: int):
     for c in cids:
         msg, model = algo.download(c)
         grads[c] = fake_gradients(model, seed + c)
-        algo.on_local_start(c, lambda g=grads[c]: g)
+        algo.on_local_start(c, lambda g=grads[c], **how: g)
         corrections[c] = algo.gradient_correction(c)
         uploads[c] = algo.upload(c, fake_train(msg, model, seed + 100 + c))
     total = sum(algo.fed.num_examples[c] for c in cids)
@@ -371,7 +373,7 @@ def test_correction_enters_the_gradient_before_the_optimiser(optimizer):
     """One full-batch local step: the step is taken on g + (c - c_i) for SGD-momentum and AdamW."""
     ranks = [2, 4]
     _, backbone, fed, data, test = tiny(ranks)
-    algo = Recording(fed)
+    algo = Recording(fed, ILoRASConfig(cv_estimator="scaffold"))  # c_i_new: the full-batch gradient
     lr = 0.05
     cfg = TrainConfig(rounds=2, local_steps=1, batch_size=64, optimizer=optimizer, lr=lr, progress=False)
     Simulation(algo, backbone, data, test, cfg, sampling=[[0, 1], [0, 1]], seed=0).run()
@@ -409,7 +411,10 @@ def test_runs_in_the_simulator_and_counts_control_variates_on_the_wire(method):
 
 def test_registered_names_and_defaults():
     assert get_algorithm("ilora") is ILoRA and get_algorithm("ilora_s") is ILoRAS
-    assert ILoRAConfig() == ILoRAConfig("qr", "concat_qr", False, "householder", "exact", 1e-4)
+    assert ILoRAConfig() == ILoRAConfig(
+        init="qr", aggregate="concat_qr", control_variates=False, qr_mode="householder", offset="code",
+        init_norm=1e-4, cv_estimator="code", factor_split="qr",
+    )
     assert ILoRASConfig().control_variates is True
 
 
@@ -428,9 +433,9 @@ def test_component_ablation_is_four_configs_of_one_method(switches, expected):
 
 
 def test_method_args_and_ilora_s_config():
-    args = ["method_args.qr_mode=svd", "method_args.offset=code"]
+    args = ["method_args.qr_mode=svd", "method_args.offset=exact", "method_args.factor_split=keepnorm"]
     cfg = method_options(resolve_config(["method=ilora", *args]))
-    assert cfg.qr_mode == "svd" and cfg.offset == "code"
+    assert cfg.qr_mode == "svd" and cfg.offset == "exact" and cfg.factor_split == "keepnorm"
     assert method_options(resolve_config(["method=ilora_s"])).control_variates is True
 
 
@@ -440,7 +445,9 @@ def test_method_args_and_ilora_s_config():
         ("init=orthogonal", "valid: standard, qr"),
         ("aggregate=mean", "valid: fedavg, concat_qr"),
         ("method_args.qr_mode=rrqr", "valid: householder, pivoted, svd"),
-        ("method_args.offset=none", "valid: exact, code"),
+        ("method_args.offset=none", "valid: code, exact"),
+        ("method_args.cv_estimator=exact", "valid: code, scaffold"),
+        ("method_args.factor_split=svd", "valid: qr, balanced, keepnorm"),
         ("method_args.init_norm=-1", "init_norm"),
         ("method_args.rank_mode=x", "no option 'rank_mode'"),
     ],
@@ -448,3 +455,98 @@ def test_method_args_and_ilora_s_config():
 def test_bad_options_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         resolve_config(["method=ilora", override])
+
+
+# ---------------------------------------------------------------------------------------------
+# The factor split after concatenated QR, and the authors' code's behaviours
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["householder", "svd"])
+def test_every_factor_split_gives_the_same_product(mode):
+    Bs, As, w = random_factors(30, 21, [2, 4, 6], seed=5)
+    B, A = concat_qr(Bs, As, w, rank=6, mode=mode)
+    kappa = mean_column_norm(Bs)
+    assert kappa == pytest.approx(float(torch.cat([b.norm(dim=0) for b in Bs]).mean()))
+    for r in (1, 2, 4, 6):
+        reference = B[:, :r] @ A[:r]
+        for how in ("qr", "balanced", "keepnorm"):
+            B_r, A_r = split_factors(B, A, r, how, kappa)
+            assert B_r.shape == (30, r) and A_r.shape == (r, 21)
+            assert rel(B_r @ A_r, reference) < 1e-12, (how, r)
+        B_b, A_b = split_factors(B, A, r, "balanced")
+        assert torch.allclose(B_b.T @ B_b, A_b @ A_b.T, atol=1e-12)  # both carry sqrt(S): Gram = diag(S)
+        B_k, _ = split_factors(B, A, r, "keepnorm", kappa)
+        assert torch.allclose(B_k.norm(dim=0), torch.full((r,), kappa, dtype=F64), atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["balanced", "keepnorm"])
+def test_factor_split_changes_the_factors_not_the_models(how):
+    ranks = [2, 3, 5]
+    _, backbone, fed, data, _ = tiny(ranks)
+    published, other = ILoRA(fed), ILoRA(fed, ILoRAConfig(factor_split=how))
+    for algo in (published, other):
+        cv_round(algo, [0, 1, 2], seed=3)
+    x = data[0]["x"]
+    for cid in range(3):
+        m_qr, m_other = published.download(cid)[1], other.download(cid)[1]
+        assert not torch.allclose(m_qr.B["l1"], m_other.B["l1"])
+        assert torch.allclose(outputs(backbone, m_qr, x), outputs(backbone, m_other, x), atol=1e-12)
+    assert torch.allclose(outputs(backbone, published.eval_model(), x), outputs(backbone, other.eval_model(), x),
+                          atol=1e-12)
+
+
+def test_code_cv_estimator_is_the_batch_mean_sum_over_n_in_eval_mode():
+    """With equal batches, the authors' c_i is the mean gradient / batch size; dropout is off for it."""
+    ranks = [3]
+    _, backbone, fed, data, test = tiny(ranks, dropout=0.5, sizes=[24])
+    cfg = TrainConfig(rounds=1, local_steps=1, batch_size=8, progress=False)
+    sim = Simulation(ILoRA(fed), backbone, data, test, cfg, sampling=[[0]], seed=0)
+    params = load_client_model(backbone, ILoRA(fed).download(0)[1])
+    backbone.module.eval()
+    true_mean = sim.full_gradient(data[0], params)  # reference: eval mode too, so no dropout noise
+    backbone.module.train()
+    code = [sim.full_gradient(data[0], params, batch_means=True, eval_mode=True) for _ in range(2)]
+    for k, g in true_mean.items():
+        assert torch.allclose(code[0][k], g / 8, atol=1e-15), k
+        assert torch.equal(code[0][k], code[1][k])  # deterministic: no dropout
+    noisy = [sim.full_gradient(data[0], params) for _ in range(2)]  # scaffold: training mode, dropout on
+    assert any(not torch.equal(noisy[0][k], noisy[1][k]) for k in noisy[0])
+    assert backbone.module.training
+
+
+class WithDropoutAndBatchNorm(FrozenBackboneModule):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.1)
+        self.bn = nn.BatchNorm1d(4)
+
+
+@pytest.mark.parametrize("backbone_dropout", [False, True])
+def test_backbone_dropout_switch_keeps_batchnorm_frozen(backbone_dropout):
+    module = WithDropoutAndBatchNorm()
+    module.l1 = inject_lora(module, ["l1"], rank=2, alpha=4.0, dropout=0.1)["l1"]
+    module.backbone_dropout = backbone_dropout
+    module.train()
+    assert module.training and module.l1.training  # LoRA dropout active either way
+    assert module.drop.training is backbone_dropout
+    assert not module.bn.training
+    module.eval()
+    assert not module.drop.training and not module.l1.training
+
+
+def test_first_step_update_is_recorded_and_equals_the_dense_change():
+    ranks = [2, 4]
+    _, backbone, fed, data, test = tiny(ranks)
+    cfg = TrainConfig(rounds=2, local_steps=2, batch_size=8, optimizer="sgd", lr=0.1, progress=False)
+    sim = Simulation(ILoRA(fed), backbone, data, test, cfg, sampling=[[0, 1], [0, 1]], seed=0)
+    before = sim._factors()
+    for layer in backbone.lora_layers.values():
+        with torch.no_grad():
+            layer.lora_A.add_(0.1)
+    dense = sum(float((2.0 * (l.lora_B @ l.lora_A - before[n][1] @ before[n][0])).detach().norm() ** 2)
+                for n, l in backbone.lora_layers.items()) ** 0.5
+    assert sim._product_change(before, 2.0) == pytest.approx(dense, rel=1e-10)
+    records = sim.run()
+    assert all(r.first_step_update > 0 for r in records)

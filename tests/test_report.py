@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from ilora.report import build_table, collect, ranking, report, to_latex, to_markdown
 from ilora.runner import write_record
@@ -72,27 +73,39 @@ def test_table_from_records(tmp_path):
     assert sorted(df["status"].value_counts().items()) == [("failed", 1), ("missing", 2), ("ok", 9)]
     table = build_table(bench, "smoke", df)
     shown = table.display.set_index("method")
-    # mean +- std over seeds, in percent; best per column in bold
-    assert shown.loc["FedIT", "bbc_news"] == "62.00 ± 2.83"
-    assert shown.loc["ILoRA", "bbc_news"] == "**84.00 ± 2.83**"
-    assert shown.loc["FedIT", "tweets"] == "**50.00**"  # one ok seed, the failed one left out
+    # mean +- std over seeds with n, in percent
+    assert shown.loc["FedIT", "bbc_news"] == "62.00 ± 2.83 (n=2)"
+    assert shown.loc["FedIT", "tweets"] == "50.00 (n=1)"  # one ok seed, the failed one left out
     assert shown.loc["FLoRA", "tweets"] == ""  # no record: empty
-    assert shown.loc["ILoRA", "tweets"] == "42.00 ± 2.83"
-    # average column only where every column has a value
-    assert shown.loc["ILoRA", "average"] == "**63.00**" and shown.loc["FLoRA", "average"] == ""
-    assert shown.loc["FedIT", "average"] == "56.00"
+    assert shown.loc["ILoRA", "tweets"] == "42.00 ± 2.83 (n=2)"
+    # bold only where the lead over the runner-up is outside the paired 95% interval:
+    # ILoRA - FLoRA on bbc_news = 12, 14 -> 13 +- 12.71 (t, 1 dof): bold; tweets: FedIT leads on one seed only
+    assert shown.loc["ILoRA", "bbc_news"] == "**84.00 ± 2.83 (n=2)**"
+    assert shown.loc["FedIT", "tweets"] == "50.00 (n=1)" and "**" not in "".join(shown["tweets"])
+    # paired differences to FedIT over the same seeds, with 95% t-intervals
+    diff = shown["bbc_news Δ FedIT [95% CI]"]
+    assert diff["FedIT"] == "ref." and diff["ILoRA"] == "+22.00 [+22.00, +22.00]"
+    assert diff["FLoRA"] == "+9.00 [-3.71, +21.71]"  # inside the noise: the interval holds 0
+    assert shown.loc["ILoRA", "tweets Δ FedIT [95% CI]"] == "-10.00 (n=1)"
+    # the average column is the per-seed average over the columns, over seeds that have them all
+    assert shown.loc["ILoRA", "average"] == "63.00 ± 2.83 (n=2)" and shown.loc["FLoRA", "average"] == ""
+    assert shown.loc["FedIT", "average"] == "55.00 (n=1)"
     # the paper's known values only, with our difference; unknown cells empty
     assert list(shown["bbc_news paper"]) == ["", "", "80.00"]
-    assert list(shown["bbc_news Δ"]) == ["", "", "+4.00"]
+    assert list(shown["bbc_news Δ paper"]) == ["", "", "+4.00"]
     assert list(shown["average paper"]) == ["", "", "70.00"]
-    assert list(shown["average Δ"]) == ["", "", "-7.00"]
+    assert list(shown["average Δ paper"]) == ["", "", "-7.00"]
     assert "tweets paper" not in shown.columns
+    tidy = table.tidy.set_index(["method", "dataset"])
+    assert tidy.loc[("flora", "bbc_news"), "diff_ref_low"] == pytest.approx(9 - 12.7062, abs=1e-3)
+    assert not tidy.loc[("flora", "bbc_news"), "significant"] and tidy.loc[("ilora", "bbc_news"), "best"]
     # communication: (up + down) per client per round, MB
     assert list(shown["MB/client/round"]) == ["2.000", "4.000", "2.000"]
     md = to_markdown(table, "smoke")
-    assert "**84.00 ± 2.83**" in md and "a known value" in md and "not comparable" in md
+    assert "**84.00 ± 2.83 (n=2)**" in md and "a known value" in md and "not comparable" in md
+    assert "inside the noise" in md
     tex = to_latex(table, "smoke")
-    assert r"\toprule" in tex and r"\textbf{84.00 $\pm$ 2.83}" in tex and r"$\Delta$" in tex
+    assert r"\toprule" in tex and r"\textbf{84.00 $\pm$ 2.83 (n=2)}" in tex and r"$\Delta$" in tex
 
 
 def test_report_writes_tables_and_plots(tmp_path):

@@ -54,14 +54,24 @@ class Backbone:
 
 
 class FrozenBackboneModule(nn.Module):
-    """Base of every backbone's ``module``: ``train()`` switches only the LoRA layers (their dropout).
+    """Base of every backbone's ``module``: what ``train()`` switches on in the frozen network.
 
-    The frozen pretrained network always stays in eval mode: its own dropout / drop-path is off and
-    BatchNorm keeps its pretrained statistics (training mode would overwrite the shared backbone's
-    running statistics with each client's batches).
+    ``backbone_dropout = True`` (the run key of the same name; the authors' code calls ``train()`` on
+    the whole model): the pretrained network's own dropout / drop-path / drop-connect is active during
+    local training, as are the LoRA layers' dropout. ``False``: only the LoRA layers switch to training
+    mode. Either way BatchNorm stays in eval mode and keeps its pretrained statistics (training mode
+    would overwrite the shared backbone's running statistics with each client's batches).
     """
 
+    backbone_dropout: bool = False
+
     def train(self, mode: bool = True) -> FrozenBackboneModule:
+        if mode and self.backbone_dropout:
+            super().train(True)
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+            return self
         super().train(False)
         self.training = mode
         for m in self.modules():
