@@ -6,7 +6,12 @@ import argparse
 import os
 import sys
 
-from ilora.errors import UserError
+# Before torch is imported anywhere: idle OpenMP threads sleep instead of spinning, so that a run
+# sharing its cores with another busy process (a sweep's other job, CI, a laptop) is not slowed
+# several-fold by threads spin-waiting against it. A value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from ilora.errors import UserError  # noqa: E402
 
 
 def _quiet_libraries() -> None:

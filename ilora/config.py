@@ -69,6 +69,7 @@ class RunConfig:
     out_dir: str = "runs"
     run_id: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: str = "auto"  # CPU threads of this run: auto (available cores / sweep jobs, at least 1) | N
     progress: bool = True
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "ilora-bench"
@@ -189,6 +190,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"unknown device {cfg.device!r} (valid: auto, cpu, cuda, cuda:N)")
+    if cfg.threads != "auto" and not (cfg.threads.isdigit() and int(cfg.threads) > 0):
+        raise ConfigError(f"threads must be auto or a positive integer, got {cfg.threads!r}")
     method_options(cfg)  # the method's own options must be valid too
 
 
@@ -213,7 +216,9 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 # Keys that do not change what a run computes: left out of its identity.
-_NOT_IDENTITY = {"out_dir", "run_id", "progress", "wandb", "wandb_project", "wandb_group", "device", "preset"}
+_NOT_IDENTITY = {
+    "out_dir", "run_id", "progress", "wandb", "wandb_project", "wandb_group", "device", "preset", "threads",
+}
 
 
 def config_hash(cfg: RunConfig) -> str:

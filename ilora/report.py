@@ -46,6 +46,18 @@ def comm_mb(record: dict[str, Any]) -> tuple[float, float]:
     return (float(np.mean(ups)), float(np.mean(downs))) if ups else (math.nan, math.nan)
 
 
+def step_ratio(rounds: list[dict[str, Any]]) -> float:
+    """First local step's product update in round 2 over round 1 (after vs before the first aggregation)."""
+    steps = [r.get("first_step_update") for r in rounds[:2]]
+    if len(steps) < 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in steps) or steps[0] <= 0:
+        return math.nan
+    return float(steps[1] / steps[0])
+
+
+# Per-run numbers a benchmark may show next to accuracy (``table: {extra: [...]}``): column header.
+EXTRA_METRICS = {"step_ratio": "first-step update, round 2 / round 1"}
+
+
 def collect(runs: Iterable[PlannedRun]) -> pd.DataFrame:
     """One row per planned run: its labels and what its record says (status ``missing`` if none)."""
     rows = []
@@ -53,10 +65,12 @@ def collect(runs: Iterable[PlannedRun]) -> pd.DataFrame:
         record = read_record(run.result_path)
         row: dict[str, Any] = dict(run.labels)
         row.update(run_id=run.run_id, model=run.config.model, status="missing", accuracy=math.nan,
-                   best=math.nan, up_mb=math.nan, down_mb=math.nan, curve=None, seconds=math.nan)
+                   best=math.nan, up_mb=math.nan, down_mb=math.nan, curve=None, seconds=math.nan,
+                   step_ratio=math.nan)
         if record is not None:
             row["status"] = record.get("status", "failed")
             rounds = record.get("rounds") or []
+            row["step_ratio"] = step_ratio(rounds)
             if row["status"] == "ok" and record.get("final_accuracy") is not None:
                 row["accuracy"] = 100.0 * record["final_accuracy"]
                 row["best"] = 100.0 * record["best_accuracy"]
@@ -245,6 +259,16 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
             out[f"{col} Δ paper"] = [_num(d, "{:+.2f}") for d in deltas]
     tidy = pd.DataFrame(tidy_rows)
 
+    finished = df[df["status"].isin(["ok", "diverged"])] if not df.empty else df  # a diverged run has its early rounds
+    for metric in bench.extra:
+        texts = []
+        for rl in row_keys:
+            sub = _select(finished, rl)
+            vals = sub[metric].dropna().to_numpy(dtype=float) if not sub.empty else np.array([])
+            texts.append(_fmt(float(vals.mean()), float(vals.std(ddof=1)) if vals.size > 1 else 0.0, vals.size)
+                         if vals.size else "")
+        out[EXTRA_METRICS.get(metric, metric)] = texts
+
     # communication: one column per model in the table
     ok_models = sorted(set(ok["model"])) if not ok.empty else []
     for model in ok_models or [None]:
@@ -257,6 +281,9 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
             vals.append(f"{sub['comm_mb'].mean():.3f}" if not sub.empty else "")
         out[name] = vals
     notes = [f"{k.get('note')}" for k in known if k.get("note")]
+    dropped = bench.presets[preset].get("dropped")
+    if dropped:
+        notes.append(f"Cells of the paper's grid not run at this preset: {dropped}.")
     other = [k for k in bench.known if k.get("preset", "paper") != preset]
     if other:
         ref_text = "; ".join(f"{_cell_text(k['cell'])}: {k['value']:.2f}" for k in other)

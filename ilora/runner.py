@@ -40,6 +40,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_threads(setting: str, jobs: int | None = None) -> int:
+    """``threads``: a number as given, or ``auto``: the available cores divided by the concurrent jobs.
+
+    The jobs default to ``ILORA_JOBS`` (set by a sweep for its worker processes), else 1.
+    """
+    if setting != "auto":
+        return int(setting)
+    jobs = jobs or int(os.environ.get("ILORA_JOBS", "1") or 1)
+    return max(1, available_cores() // max(1, jobs))
+
+
 def derive_seeds(seed: int) -> dict[str, int]:
     """Partition, sampling, training and head seeds, all derived from the one run seed."""
     names = ("partition", "sampling", "training", "head", "algorithm")
@@ -166,10 +181,13 @@ def run_experiment(cfg: RunConfig, tracker: Any = None) -> dict[str, Any]:
     """Run ``cfg`` and write its results record; user errors propagate before anything is written."""
     run_dir = Path(cfg.out_dir) / run_id_for(cfg)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    threads = resolve_threads(cfg.threads)
+    torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     sim, facts = setup(cfg)  # UserError here: nothing written
     record = new_record(cfg, started)
     record.update(facts)
+    record["threads"] = threads
     record["versions"] = versions()
 
     checkpoint_dir = run_dir / "checkpoint"

@@ -81,6 +81,7 @@ class Simulation:
     def __post_init__(self) -> None:
         self._cuda = self.device.type == "cuda"
         self._compute_s = 0.0
+        self._test = sorted_by_length(self.test_data)
 
     # ---------------------------------------------------------------------------- the round loop
     def run(self, start_round: int = 0, on_round: Callable[[RoundRecord], None] | None = None) -> list[RoundRecord]:
@@ -218,7 +219,7 @@ class Simulation:
         self.backbone.module.eval()
         correct, loss_sum = 0, 0.0
         n = len(self.test_data["labels"])
-        for batch in self._batches(self.test_data, self.config.eval_batch_size, None, 1, None):
+        for batch in self._batches(self._test, self.config.eval_batch_size, None, 1, None):
             t0 = self._now()
             with self._autocast():
                 logits = self.backbone(batch).float()
@@ -261,6 +262,18 @@ class Simulation:
         if self._cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
+
+
+def sorted_by_length(data: Batch) -> Batch:
+    """Text examples ordered by token count, so that evaluation batches carry little padding.
+
+    The text models trim each batch to its longest example, so this only removes work on padding;
+    the examples and the accuracy are the same. Data without an ``attention_mask`` is returned as is.
+    """
+    if "attention_mask" not in data:
+        return data
+    order = torch.argsort(data["attention_mask"].sum(1), stable=True)
+    return {k: v[order] for k, v in data.items()}
 
 
 def make_optimizer(cfg: TrainConfig, params: list[Tensor]) -> torch.optim.Optimizer:

@@ -75,6 +75,7 @@ class Benchmark:
     path: Path
     x_axis: str | None = None  # the column axis plotted on x (e.g. dirichlet_alpha), if any
     reference: str | None = None  # the row label of the paired differences (default: fedit, if present)
+    extra: list[str] = field(default_factory=list)  # per-run metrics shown next to accuracy (report.EXTRA_METRICS)
 
     def axes(self, preset: str) -> list[Axis]:
         if preset not in self.presets:
@@ -168,6 +169,7 @@ def load_benchmark(name: str, root: Path | None = None) -> Benchmark:
         path=path,
         x_axis=table.get("x_axis"),
         reference=table.get("reference"),
+        extra=list(table.get("extra") or []),
     )
     for preset in bench.presets:
         axes = {a.name for a in bench.axes(preset)}
@@ -293,10 +295,9 @@ def _execute(runner: Runner, cfg: RunConfig, run_id: str) -> tuple[str, dict[str
     return run_id, record, time.perf_counter() - t0
 
 
-def _worker_init(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
+def _worker_init(jobs: int) -> None:
+    os.environ["ILORA_JOBS"] = str(jobs)  # threads=auto in each run: the cores divided by the jobs
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         import transformers
@@ -307,8 +308,9 @@ def _worker_init(threads: int) -> None:
 
 
 def threads_per_job(jobs: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, jobs))
+    from ilora.runner import resolve_threads
+
+    return resolve_threads("auto", jobs)
 
 
 @dataclass
@@ -373,7 +375,7 @@ def run_sweep(
         else:
             ctx = get_context("spawn")
             pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
-                                       initargs=(threads_per_job(jobs),))
+                                       initargs=(jobs,))
             try:
                 futures: set[Future] = {pool.submit(_execute, runner, r.config, r.run_id) for r in todo}
                 while futures:

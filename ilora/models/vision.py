@@ -286,4 +286,5 @@ def efficientnet_lite0(options: ModelOptions) -> Backbone:
     net = efficientnet_lite0_net(size, options.pretrained)
     model = ImageClassifier(net, 1280, options.num_classes, options.seed, size, LITE_MEAN, LITE_STD)
     layers = inject_conv1x1_lora(model, EFFICIENTNET_TARGETS[targets], *lora_args(options))
+    model.to(memory_format=torch.channels_last)  # CPU convolutions measured 20-25% faster (results/perf)
     return _image_backbone("efficientnet_lite0", model, layers, None, lora_targets=targets)
