@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PRESET ?= cpu
 JOBS   ?= 2
 
-.PHONY: install test lint reproduce-tables compare plots clean
+.PHONY: install test lint reproduce-tables reproduce-audit compare plots perf clean
 
 install: $(STAMP)
 
@@ -36,6 +36,13 @@ reproduce-tables: $(STAMP)
 	HF_HUB_OFFLINE=1 $(ILORA) sweep all --preset $(PRESET) --jobs $(JOBS)
 	HF_HUB_OFFLINE=1 $(ILORA) report all --preset $(PRESET)
 
+# The baselines as the ILoRA authors' scripts ran them, against the faithful ones (docs/reproduction-audit.md):
+# results/tables/$(PRESET)/authors_audit_*.md. Reuses the faithful runs of reproduce-tables.
+AUDIT := authors_audit_ilora authors_audit_vision authors_audit_text
+reproduce-audit: $(STAMP)
+	HF_HUB_OFFLINE=1 $(ILORA) sweep $(AUDIT) --preset $(PRESET) --jobs $(JOBS)
+	HF_HUB_OFFLINE=1 $(ILORA) report all $(AUDIT) --preset $(PRESET)
+
 # Every registered method on one setting (benchmarks/compare.yaml; default the cpu text setting):
 # a ranking table on stdout, results/tables/$(PRESET)/compare.* and results/plots/$(PRESET)/compare_*.
 # Change the setting with ARGS, e.g. make compare ARGS="dataset=tweets".
@@ -45,6 +52,16 @@ compare: $(STAMP)
 # Tables and plots again from the records already under runs/$(PRESET) (no training).
 plots: $(STAMP)
 	HF_HUB_OFFLINE=1 $(ILORA) report all --preset $(PRESET)
+
+# The performance benchmarks (benchmarks/perf/README.md), one after another, each writing results/perf/<name>.md.
+# Run them on a quiet machine: threads.py starts its own busy neighbour where it needs one.
+perf: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/aggregation.py --threads 1
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/lora_step.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/whole_run.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/memory.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/threads.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/startup.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -29,6 +29,7 @@ from ilora.algorithm import (
     Algorithm,
     ClientModel,
     Message,
+    check_bool,
     register,
     standard_lora_init,
     unflatten,
@@ -49,7 +50,17 @@ def stack_modules(
 
 @dataclass
 class FLoRAConfig:
-    """FLoRA has no options of its own: the fresh per-round init is PEFT's standard LoRA init."""
+    """FLoRA's only option is an audit of the ILoRA authors' way of running it (off by default).
+
+    ``authors_merge``: their scripts merge only the latest round's stack into ``W0`` (earlier rounds
+    are dropped), with the stacked adapter's PEFT scale ``alpha / sum r_i`` instead of each client's
+    ``s_i``, and evaluate with the stack loaded again on top of that merged base (applied twice).
+    """
+
+    authors_merge: bool = False
+
+    def __post_init__(self) -> None:
+        check_bool("authors_merge", self.authors_merge)
 
 
 @register("flora")
@@ -94,12 +105,14 @@ class FLoRA(Algorithm):
         parts = [unflatten(uploads[c]) for c in cids]
         w = [weights[c] for c in cids]
         s = [self.fed.scale(self.fed.ranks[c]) for c in cids]
+        if self.config.authors_merge:  # one PEFT scale for the whole stack: alpha / sum r_i
+            s = [self.fed.scale(sum(self.fed.ranks[c] for c in cids))] * len(cids)
         A_stack, B_stack = {}, {}
         for name in self.fed.layers:
             As, Bs = [p[0][name] for p in parts], [p[1][name] for p in parts]
             A_stack[name], B_stack[name] = stack_modules(As, Bs, w, s)
         dtype = torch.promote_types(self.fed.dtype, torch.float32)  # never merge in half precision
-        merged = {} if self.merged is None else self.merged
+        merged = {} if self.merged is None or self.config.authors_merge else self.merged
         self.merged = {
             n: merged.get(n, 0) + B_stack[n].to(dtype) @ A_stack[n].to(dtype) for n in self.fed.layers
         }
@@ -108,7 +121,13 @@ class FLoRA(Algorithm):
         self.round += 1
 
     def eval_model(self) -> ClientModel:
-        """The merged base alone: rank-1 zero factors with scale 0 add exactly nothing."""
+        """The merged base alone: rank-1 zero factors with scale 0 add exactly nothing.
+
+        With ``authors_merge`` the latest stack is loaded again on top of the base it was merged into.
+        """
+        if self.config.authors_merge and self.stacks:
+            A_stack, B_stack = self.stacks[-1]
+            return ClientModel(A=A_stack, B=B_stack, head=self.head, scale=1.0, base_delta=self.merged)
         A = {n: torch.zeros(1, spec.in_features, device=self.fed.device, dtype=self.fed.dtype)
              for n, spec in self.fed.layers.items()}
         B = {n: torch.zeros(spec.out_features, 1, device=self.fed.device, dtype=self.fed.dtype)

@@ -18,6 +18,9 @@ zero-padding baseline (so LoRA-FAIR differs from FedIT only by ``dB``). ``fold_s
 keeps the global pair in units of ``s_max = alpha / r_max``: client ``i`` uploads ``B_i`` read as
 ``(s_i / s_max) B_i`` and receives ``(s_max / s_i) B[:, :r_i]``, so that ``dW`` is the average of the
 clients' actual updates ``s_i B_i A_i`` (divided by ``s_max``).
+
+Audit options (off by default; the ILoRA authors' way of running it, see docs/reproduction-audit.md):
+``authors_merged_base``, ``authors_local_head`` (``ilora.algorithm.AuthorsOptions``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import torch
 from torch import Tensor
 
 from ilora.algorithm import (
-    Algorithm,
+    AuthorsBaseline,
+    AuthorsOptions,
     ClientModel,
     Message,
     register,
@@ -41,7 +45,7 @@ CORRECTIONS = ("closed_form", "cosine")
 
 
 @dataclass
-class LoRAFAIRConfig:
+class LoRAFAIRConfig(AuthorsOptions):
     correction: str = "closed_form"  # closed_form | cosine
     lam: float = 0.01  # the paper's lambda (regulariser of dB)
     cosine_steps: int = 300  # Adam steps of the cosine objective
@@ -49,6 +53,7 @@ class LoRAFAIRConfig:
     fold_scales: bool = False  # average s_i B_i (in units of alpha / r_max) instead of raw factors
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.correction not in CORRECTIONS:
             raise ValueError(f"unknown correction {self.correction!r} (valid: {', '.join(CORRECTIONS)})")
         if self.lam < 0:
@@ -134,7 +139,7 @@ def cosine_correction(
 
 
 @register("lora_fair")
-class LoRAFAIR(Algorithm):
+class LoRAFAIR(AuthorsBaseline):
     """FedIT's averages, then ``B <- B_bar + dB``; clients start from the corrected pair."""
 
     Config = LoRAFAIRConfig
@@ -150,13 +155,15 @@ class LoRAFAIR(Algorithm):
     def download(self, cid: int) -> tuple[Message, ClientModel]:
         r = self.fed.ranks[cid]
         unit = self._unit(cid)
+        head, send_head = self.client_head(cid)
         model = ClientModel(
             A={n: a[:r].clone() for n, a in self.A.items()},
             B={n: b[:, :r] / unit for n, b in self.B.items()},
-            head={n: h.clone() for n, h in self.head.items()},
+            head=head,
             scale=self.fed.scale(r),
+            base_delta=self.merged_base,
         )
-        return model.flat(), model
+        return model.flat(head=send_head), model
 
     def aggregate(self, uploads: dict[int, Message], weights: dict[int, float]) -> None:
         cids = list(uploads)
@@ -176,6 +183,7 @@ class LoRAFAIR(Algorithm):
             B_bar[name] = B_bar[name] + dB
         self.A, self.B = A_bar, B_bar
         self.average_head(uploads, weights)
+        self.merge_global_adapter()
 
     def _to_global_units(self, cid: int, msg: Message) -> Message:
         unit = self._unit(cid)
@@ -184,4 +192,5 @@ class LoRAFAIR(Algorithm):
         return {k: (t * unit if k.startswith("lora_B/") else t) for k, t in msg.items()}
 
     def eval_model(self) -> ClientModel:
-        return ClientModel(A=self.A, B=self.B, head=self.head, scale=self.fed.scale(self.fed.max_rank))
+        return ClientModel(A=self.A, B=self.B, head=self.head, scale=self.fed.scale(self.fed.max_rank),
+                           base_delta=self.merged_base)

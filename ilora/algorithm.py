@@ -212,6 +212,53 @@ def clone_tensors(d: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in d.items()}
 
 
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def dense_update(A: Mapping[str, Tensor], B: Mapping[str, Tensor], scale: float) -> dict[str, Tensor]:
+    """``scale * B @ A`` per layer, in float32 at least (a dense ``d x k`` update merged into a base)."""
+    dtype = torch.promote_types(next(iter(A.values())).dtype, torch.float32)
+    return {n: scale * (B[n].to(dtype) @ A[n].to(dtype)) for n in A}
+
+
+# ---------------------------------------------------------------------------------------------
+# The ILoRA authors' way of running the zero-padding baselines (audit options, off by default)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AuthorsOptions:
+    """How the ILoRA authors' scripts ran FedIT, LoRA-FAIR and FFA-LoRA (see docs/reproduction-audit.md).
+
+    - ``authors_merged_base``: their CV scripts merge the aggregated adapter into a checkpoint
+      (``W0 + s B_g A_g``, ``s = alpha / r_max``) that every client and the evaluation then load
+      *under* the same adapter again, so training starts from and evaluation sees the global adapter twice.
+    - ``authors_local_head``: their heterogeneous-rank NLP script never sends the aggregated head back:
+      each client starts every round from its own fixed random head; the server evaluates the average.
+    """
+
+    authors_merged_base: bool = False
+    authors_local_head: bool = False
+
+    def __post_init__(self) -> None:
+        check_bool("authors_merged_base", self.authors_merged_base)
+        check_bool("authors_local_head", self.authors_local_head)
+
+
+def local_random_head(fed: Federation, template: Mapping[str, Tensor], cid: int) -> dict[str, Tensor]:
+    """A fresh head for client ``cid``, drawn as ``nn.Linear`` initialises (uniform, bound 1/sqrt(fan_in))."""
+    g = fed.generator(0x4EAD, cid)
+    head = {}
+    for name, t in template.items():
+        weight = t if t.dim() >= 2 else template.get(name.replace("bias", "weight"), t)
+        fan_in = weight.shape[1] if weight.dim() >= 2 else weight.shape[0]
+        bound = 1.0 / math.sqrt(fan_in)
+        head[name] = ((torch.rand(t.shape, generator=g, dtype=torch.float64) * 2 - 1) * bound).to(t)
+    return head
+
+
 # ---------------------------------------------------------------------------------------------
 # The interface
 # ---------------------------------------------------------------------------------------------
@@ -292,3 +339,22 @@ def build_config(cls: type[Algorithm], values: Mapping[str, Any]) -> Any:
         valid = ", ".join(sorted(fields)) or "none"
         raise ValueError(f"method {cls.name!r} has no option {unknown[0]!r} (valid: {valid})")
     return cls.Config(**values)
+
+
+class AuthorsBaseline(Algorithm):
+    """A baseline with one global pair ``self.A, self.B`` at ``r_max`` and the ``AuthorsOptions``."""
+
+    def __init__(self, fed: Federation, config: Any = None):
+        super().__init__(fed, config)
+        self.merged_base: dict[str, Tensor] | None = None  # authors_merged_base: s B_g A_g after aggregation
+
+    def client_head(self, cid: int) -> tuple[dict[str, Tensor], bool]:
+        """The head client ``cid`` starts from, and whether it travels down the wire."""
+        if not self.config.authors_local_head:
+            return clone_tensors(self.head), True
+        return local_random_head(self.fed, self.fed.head_init, cid), False
+
+    def merge_global_adapter(self) -> None:
+        """After aggregation (``authors_merged_base``): the base clients and the evaluation load the adapter onto."""
+        if self.config.authors_merged_base:
+            self.merged_base = dense_update(self.A, self.B, self.fed.scale(self.fed.max_rank))

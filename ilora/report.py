@@ -524,6 +524,9 @@ def report(
     written: list[Path] = []
     all_records: list[pd.DataFrame] = []
     for bench in benches:
+        if not bench.runs_at(preset):
+            written.append(write_not_run(bench, preset, results_dir / "tables" / preset))
+            continue
         runs = expand(bench, preset, overrides, out_dir)
         df = collect(runs)
         all_records.append(df)
@@ -537,6 +540,21 @@ def report(
                 written += PLOTS[kind](bench, preset, df, target)
     written.append(write_provenance(benches, preset, out_dir, results_dir / "tables" / preset))
     return written
+
+
+def write_not_run(bench: Benchmark, preset: str, directory: Path) -> Path:
+    """A table page that says why ``bench`` has no runs at ``preset`` (stale tables and plots removed)."""
+    from ilora.runner import write_atomic
+
+    for stale in [directory / f"{bench.name}.{ext}" for ext in ("tex", "csv")] + \
+            list((directory.parent.parent / "plots" / preset).glob(f"{bench.name}_*")):
+        stale.unlink(missing_ok=True)
+    reason = bench.presets[preset].get("dropped") or "no grid at this preset"
+    text = (f"## {bench.title} ({preset} preset)\n\n{bench.description}\n\n"
+            f"Not run at the `{preset}` preset: {reason}.\n")
+    path = directory / f"{bench.name}.md"
+    write_atomic(path, text)
+    return path
 
 
 def write_provenance(benches: list[Benchmark], preset: str, out_dir: str | None, directory: Path) -> Path:

@@ -66,10 +66,17 @@ def run_id_for(cfg: RunConfig) -> str:
     return cfg.run_id or f"{cfg.method}-{cfg.dataset}-{cfg.model}-s{cfg.seed}-{config_hash(cfg)}"
 
 
-def versions() -> dict[str, str | None]:
-    import timm
-    import transformers
+def package_version(name: str) -> str | None:
+    """A package's version from its installed metadata (no import: importing timm alone takes ~1 s)."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def versions() -> dict[str, str | None]:
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -80,8 +87,8 @@ def versions() -> dict[str, str | None]:
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "timm": timm.__version__,
+        "transformers": package_version("transformers"),
+        "timm": package_version("timm"),
         "git_commit": commit,
     }
 

@@ -76,18 +76,24 @@ class Benchmark:
     x_axis: str | None = None  # the column axis plotted on x (e.g. dirichlet_alpha), if any
     reference: str | None = None  # the row label of the paired differences (default: fedit, if present)
     extra: list[str] = field(default_factory=list)  # per-run metrics shown next to accuracy (report.EXTRA_METRICS)
+    in_all: bool = True  # part of ``all`` (``make reproduce-tables``); false: run by name only
 
     def axes(self, preset: str) -> list[Axis]:
         if preset not in self.presets:
             raise ConfigError(
                 f"benchmark {self.name!r} has no preset {preset!r} (valid: {', '.join(self.presets)})"
             )
-        grid = self.presets[preset].get("grid") or {}
+        grid = (self.presets[preset] or {}).get("grid") or {}
         return [_axis(self.name, name, spec) for name, spec in grid.items()]
 
     def base(self, preset: str) -> dict[str, Any]:
         self.axes(preset)  # validates the preset name
         return dict(self.presets[preset].get("base") or {})
+
+    def runs_at(self, preset: str) -> bool:
+        """Whether ``preset`` has a grid (a preset may only say what it ``dropped``)."""
+        self.axes(preset)
+        return bool(self.presets[preset].get("grid"))
 
     def known_for(self, preset: str) -> list[dict[str, Any]]:
         return [k for k in self.known if k.get("preset", "paper") == preset]
@@ -170,8 +176,11 @@ def load_benchmark(name: str, root: Path | None = None) -> Benchmark:
         x_axis=table.get("x_axis"),
         reference=table.get("reference"),
         extra=list(table.get("extra") or []),
+        in_all=bool(data.get("in_all", True)),
     )
     for preset in bench.presets:
+        if not bench.runs_at(preset):
+            continue
         axes = {a.name for a in bench.axes(preset)}
         missing = [a for a in bench.rows + bench.columns if a not in axes]
         if missing:
@@ -180,10 +189,16 @@ def load_benchmark(name: str, root: Path | None = None) -> Benchmark:
 
 
 def resolve_benchmarks(names: list[str], root: Path | None = None) -> list[Benchmark]:
-    """Benchmarks by name; ``all`` (or nothing) stands for every benchmark under ``benchmarks/``."""
-    if not names or names == ["all"]:
-        names = available_benchmarks(root)
-    return [load_benchmark(n, root) for n in names]
+    """Benchmarks by name; ``all`` (or nothing) stands for every benchmark under ``benchmarks/`` that does
+    not say ``in_all: false`` (studies run by name, e.g. the audit of the authors' baselines)."""
+    names = names or ["all"]
+    benches = []
+    for name in names:
+        if name == "all":
+            benches += [b for b in (load_benchmark(n, root) for n in available_benchmarks(root)) if b.in_all]
+        else:
+            benches.append(load_benchmark(name, root))
+    return list({b.name: b for b in benches}.values())  # each once, first mention's order
 
 
 def _dotlist(overrides: dict[str, Any]) -> list[str]:
@@ -201,7 +216,9 @@ def default_out_dir(preset: str) -> str:
 def expand(
     bench: Benchmark, preset: str, overrides: list[str] | None = None, out_dir: str | None = None
 ) -> list[PlannedRun]:
-    """Every grid point of ``bench`` under ``preset`` as a resolved, validated run."""
+    """Every grid point of ``bench`` under ``preset`` as a resolved, validated run (none without a grid)."""
+    if not bench.runs_at(preset):
+        return []
     axes = bench.axes(preset)
     base = bench.base(preset)
     config_preset = base.pop("preset", preset if preset in available_presets() else "cpu")

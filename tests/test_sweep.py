@@ -119,11 +119,35 @@ def test_benchmark_errors(tmp_path):
 
 
 def test_every_shipped_benchmark_expands_for_cpu_and_smoke():
-    for bench in resolve_benchmarks([]):
-        for preset in ("cpu", "smoke"):
-            runs = expand(bench, preset)
-            assert runs, (bench.name, preset)
+    for bench in resolve_benchmarks(available_benchmarks()):
         assert set(bench.presets) == {"paper", "cpu", "smoke"}
+        assert expand(bench, "smoke"), bench.name
+        # a cpu preset either runs a grid of at least 3 seeds or says why it does not
+        runs = expand(bench, "cpu")
+        if runs:
+            assert len({r.labels["seed"] for r in runs}) >= 3, bench.name
+        else:
+            assert bench.presets["cpu"].get("dropped"), bench.name
+
+
+def test_all_leaves_out_benchmarks_that_say_so_and_names_bring_them_in():
+    everything = set(available_benchmarks())
+    in_all = {b.name for b in resolve_benchmarks(["all"])}
+    assert {"authors_audit_vision", "authors_audit_text", "authors_audit_ilora"} <= everything - in_all
+    assert {"nlp_dirichlet05", "ilora_stability"} <= in_all
+    named = [b.name for b in resolve_benchmarks(["all", "authors_audit_text", "nlp_dirichlet05"])]
+    assert len(named) == len(set(named)) == len(in_all) + 1
+
+
+def test_a_preset_without_grid_runs_nothing_and_reports_why(tmp_path):
+    from ilora.report import report
+
+    bench = load_benchmark("many_clients")
+    assert not bench.runs_at("cpu") and expand(bench, "cpu") == []
+    written = report([bench], "cpu", out_dir=str(tmp_path / "runs"), results_dir=tmp_path / "results")
+    text = (tmp_path / "results" / "tables" / "cpu" / "many_clients.md").read_text()
+    assert "Not run at the `cpu` preset" in text and "30-minute budget" in text
+    assert all(p.suffix == ".md" for p in written)
 
 
 def test_skip_existing_and_resume_after_kill(tmp_path):
