@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 # Before torch is imported anywhere: idle OpenMP threads sleep instead of spinning, so that a run
@@ -90,9 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends a run or a sweep (and its workers) as Ctrl-C does
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
     except UserError as exc:

@@ -399,8 +399,11 @@ def run_sweep(
                     finished, futures = wait(futures, return_when=FIRST_COMPLETED)
                     for fut in finished:
                         done(*fut.result())
-            except BaseException:  # interrupted: drop what has not started; records are all-or-nothing
-                pool.shutdown(wait=False, cancel_futures=True)
+            except BaseException:  # interrupted: drop what has not started, stop what runs (records are
+                workers = list((getattr(pool, "_processes", None) or {}).values())  # all-or-nothing; a run
+                pool.shutdown(wait=False, cancel_futures=True)  # resumes from its round checkpoint)
+                for process in workers:
+                    process.terminate()
                 raise
             pool.shutdown()
     finally:

@@ -223,3 +223,46 @@ def test_real_smoke_sweep_then_rerun_does_nothing(tmp_path):
     assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == mtimes
     assert (tmp_path / "results" / "tables" / "smoke" / "tiny.md").exists()
+
+
+def _children(pid: int) -> set[int]:
+    try:
+        return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except OSError:
+        return set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc")
+def test_sigterm_stops_the_sweep_and_its_workers(tmp_path):
+    """A terminated sweep leaves no worker running on (a finished sweep's timing must not be shared)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    bench = write_bench(tmp_path)
+    cmd = [sys.executable, "-m", "ilora.cli", "sweep", str(bench), "local_steps=50", "--preset", "smoke",
+           "--jobs", "2", "--out-dir", str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: set[int] = set()
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        workers = {c for c in _children(proc.pid) if _alive(c)}
+        if len(workers) >= 2:
+            break
+        time.sleep(0.2)
+    assert len(workers) >= 2, "the sweep never started its workers"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers)
