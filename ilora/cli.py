@@ -7,12 +7,7 @@ import os
 import signal
 import sys
 
-# Before torch is imported anywhere: idle OpenMP threads sleep instead of spinning, so that a run
-# sharing its cores with another busy process (a sweep's other job, CI, a laptop) is not slowed
-# several-fold by threads spin-waiting against it. A value the user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from ilora.errors import UserError  # noqa: E402
+from ilora.errors import UserError  # importing ilora sets the OpenMP defaults before torch (ilora/__init__.py)
 
 
 def _quiet_libraries() -> None:

@@ -314,7 +314,6 @@ def _execute(runner: Runner, cfg: RunConfig, run_id: str) -> tuple[str, dict[str
 
 def _worker_init(jobs: int) -> None:
     os.environ["ILORA_JOBS"] = str(jobs)  # threads=auto in each run: the cores divided by the jobs
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         import transformers

@@ -139,6 +139,29 @@ def test_efficientnet_lite0_trains_lora_and_head_but_keeps_batchnorm_frozen():
     assert frozen and all(p.grad is None and not p.requires_grad for p in frozen)
 
 
+def test_efficientnet_lite0_channels_last_computes_the_same_outputs_and_gradients():
+    """The backbone runs in channels_last (faster CPU convolutions); the math is the contiguous model's."""
+    torch.manual_seed(0)  # the same LoRA A init in both builds
+    fast = build_model("efficientnet_lite0", ModelOptions(num_classes=4, image_size=32, lora_dropout=0.0))
+    assert fast.module.features._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    plain = build_model("efficientnet_lite0", ModelOptions(num_classes=4, image_size=32, lora_dropout=0.0))
+    plain.module.to(memory_format=torch.contiguous_format)
+    assert not plain.module.features._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    images = np.random.default_rng(1).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    batch = encode_images(Split(images, np.array([0, 1, 2, 3, 0])))
+    for backbone in (fast, plain):
+        torch.manual_seed(0)
+        for layer in backbone.lora_layers.values():
+            layer.set_factors(layer.lora_A, torch.randn_like(layer.lora_B) * 0.01)
+        backbone.module.eval()
+        F.cross_entropy(backbone(batch), batch["labels"]).backward()
+    with torch.no_grad():
+        assert torch.allclose(fast(batch), plain(batch), atol=1e-5)
+    for name, layer in fast.lora_layers.items():
+        assert torch.allclose(layer.lora_A.grad, plain.lora_layers[name].lora_A.grad, atol=1e-5, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # MiniLM: pretrained sentence embeddings
 # ---------------------------------------------------------------------------------------------

@@ -124,10 +124,12 @@ def report(rows: dict[int, list[dict]], args: argparse.Namespace, load: str) -> 
     if len(ns) > 1:
         lo, hi = ns[0], ns[-1]
         grow = stats([x["peak_mb"] for x in rows[hi]])[0] - stats([x["peak_mb"] for x in rows[lo]])[0]
+        spread = max(max(x["peak_mb"] for x in rows[n]) - min(x["peak_mb"] for x in rows[n]) for n in ns)
         lines += [
             "",
-            f"From {lo} to {hi} clients the median peak grows by {grow:.0f} MB "
-            f"({1024 * grow / (hi - lo):.1f} KB per added client).",
+            f"From {lo} to {hi} clients the median peak changes by {grow:+.0f} MB "
+            f"({1024 * grow / (hi - lo):+.1f} KB per added client); the largest run-to-run range of one",
+            f"setting is {spread:.0f} MB.",
         ]
     return lines + [""]
 

@@ -1,8 +1,10 @@
-"""Wall time of ``ilora run preset=smoke`` by CPU threads and OpenMP wait policy, quiet and next to a busy process.
+"""Wall time of ``ilora run preset=smoke`` by CPU threads and OpenMP wait setting, quiet and next to a busy process.
 
 Settings: ``threads`` 1 or 2 (the default ``threads=auto`` is the available cores, 2 on a 2-core machine)
-crossed with ``OMP_WAIT_POLICY`` ``PASSIVE`` (the suite's default, set by ``ilora``'s CLI unless the user
-set it) or ``ACTIVE`` (idle OpenMP threads spin). Each setting runs as a subprocess
+crossed with the OpenMP wait setting (``WAITS``): the suite's default (neither variable set: importing
+``ilora`` sets ``OMP_WAIT_POLICY=PASSIVE`` and ``GOMP_SPINCOUNT=1000``), ``PASSIVE`` alone (no spinning),
+``ACTIVE`` (idle threads spin), and libgomp's own default (``GOMP_SPINCOUNT=300000``, what the suite did
+before it set anything). Each setting runs as a subprocess
 (``.venv/bin/ilora run preset=smoke method=fedit out_dir=<fresh tmp> threads=T``) on a quiet machine and
 next to a busy neighbour: a separate Python process spinning a CPU-bound loop (one core's worth), started
 before and killed after each block of runs. Settings are interleaved (order rotating) and repeated.
@@ -26,14 +28,21 @@ from pathlib import Path
 
 from common import ILORA, RESULTS, fmt_range, header, load_average, ratio, stats, write_report
 
-POLICIES = ("PASSIVE", "ACTIVE")
+# name -> the OpenMP variables set in the run's environment (the others removed)
+WAITS = {
+    "default": {},
+    "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "libgomp": {"GOMP_SPINCOUNT": "300000"},
+}
 BUSY_LOOP = "while True:\n    pass\n"
+CLEARED = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ILORA_JOBS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def smoke_run(threads: str, policy: str, extra: list[str]) -> dict:
     """One ``ilora run preset=smoke`` in a subprocess: its wall time, the rounds' time, the threads it used."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ILORA_JOBS")}
-    env.update({"OMP_WAIT_POLICY": policy, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env = {k: v for k, v in os.environ.items() if k not in CLEARED}
+    env.update({**WAITS[policy], "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     with tempfile.TemporaryDirectory(prefix="perf-threads-") as out_dir:
         cmd = [str(ILORA), "run", "preset=smoke", "method=fedit", f"out_dir={out_dir}", f"threads={threads}", *extra]
         t0 = time.perf_counter()
@@ -71,7 +80,7 @@ def run_all(args: argparse.Namespace) -> dict[tuple[str, str, str], list[dict]]:
                 for t, p in settings[shift:] + settings[:shift]:
                     res = smoke_run(t, p, args.extra)
                     results[(condition, t, p)].append(res)
-                    print(f"{condition}: threads={t} ({res['threads']}) OMP_WAIT_POLICY={p}: "
+                    print(f"{condition}: threads={t} ({res['threads']}) wait={p}: "
                           f"wall {res['wall_s']:.2f} s, rounds {res['rounds_s']:.2f} s", flush=True)
             finally:
                 if neighbour is not None:
@@ -82,7 +91,7 @@ def run_all(args: argparse.Namespace) -> dict[tuple[str, str, str], list[dict]]:
 def report(results: dict[tuple[str, str, str], list[dict]], args: argparse.Namespace, load: str) -> list[str]:
     auto = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     lines = header(
-        "`ilora run preset=smoke`: threads and OpenMP wait policy, quiet and next to a busy process",
+        "`ilora run preset=smoke`: threads and OpenMP waiting, quiet and next to a busy process",
         "benchmarks/perf/threads.py",
         load,
         [f"`threads=auto` resolves to {auto} here (available cores / concurrent jobs)"],
@@ -92,14 +101,17 @@ def report(results: dict[tuple[str, str, str], list[dict]], args: argparse.Names
         "## Method",
         "",
         f"Each run: `ilora run preset=smoke method=fedit out_dir=<fresh tmp> threads=T{' ' + extra if extra else ''}`",
-        "as a subprocess with `OMP_WAIT_POLICY` set in its environment (`OMP_NUM_THREADS` unset). `wall`: the",
+        "as a subprocess with the wait setting's variables in its environment (`OMP_NUM_THREADS` unset):",
+        "`default` = neither `OMP_WAIT_POLICY` nor `GOMP_SPINCOUNT` set, so the suite sets `PASSIVE` with",
+        "`GOMP_SPINCOUNT=1000` (spin briefly, then sleep); `PASSIVE` = no spinning; `ACTIVE` = spin;",
+        "`libgomp` = `GOMP_SPINCOUNT=300000`, libgomp's own default, what runs did before. `wall`: the",
         "subprocess from start to exit (start-up included); `rounds`: the sum of its record's `rounds[].wall_s`.",
         "`busy`: a separate process spinning `while True: pass` (one core's worth of CPU-bound work) runs",
         "during the block of runs, started before it and killed after. Settings interleaved (order rotating),",
         f"quiet and busy blocks alternating, {args.repeats} run(s) per cell; median (min-max) in seconds.",
-        f"The suite's default is `threads=auto` ({auto} here) with `OMP_WAIT_POLICY=PASSIVE`.",
+        f"The suite's default is `threads=auto` ({auto} here) with the `default` wait setting.",
         "",
-        "| condition | threads | OMP_WAIT_POLICY | wall (s) | rounds (s) | wall vs quiet | rounds vs quiet |",
+        "| condition | threads | wait | wall (s) | rounds (s) | wall vs quiet | rounds vs quiet |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     for (condition, t, p), runs in results.items():
@@ -107,7 +119,7 @@ def report(results: dict[tuple[str, str, str], list[dict]], args: argparse.Names
         quiet = results.get(("quiet", t, p)) if condition != "quiet" else None
         vs_wall = ratio(walls, [r["wall_s"] for r in quiet]) if quiet else "-"
         vs_rounds = ratio(rounds, [r["rounds_s"] for r in quiet]) if quiet else "-"
-        default = " (default)" if p == "PASSIVE" and t in ("auto", str(auto)) else ""
+        default = " (default)" if p == "default" and t in ("auto", str(auto)) else ""
         lines.append(
             f"| {condition} | {t}{default} | {p} | {fmt_range(walls, digits=2)} | "
             f"{fmt_range(rounds, digits=2)} | {vs_wall} | {vs_rounds} |"
@@ -118,17 +130,13 @@ def report(results: dict[tuple[str, str, str], list[dict]], args: argparse.Names
         return stats([r[field] for r in runs])[0] if runs else None
 
     notes = []
-    for condition in args.conditions:
-        for t in args.threads:
-            passive, active = med((condition, t, "PASSIVE")), med((condition, t, "ACTIVE"))
-            if passive and active:
-                notes.append(f"- {condition}, threads={t}: rounds ACTIVE / PASSIVE = **{active / passive:.2f}x**")
-    if len(args.threads) > 1:
-        one, many = args.threads[0], args.threads[-1]
-        for condition in args.conditions:
-            a, b = med((condition, many, "PASSIVE")), med((condition, one, "PASSIVE"))
-            if a and b:
-                notes.append(f"- {condition}, PASSIVE: rounds threads={many} / threads={one} = **{a / b:.2f}x**")
+    for t in args.threads:
+        for p in args.policies:
+            quiet, busy = med(("quiet", t, p)), med(("busy", t, p))
+            fastest_quiet = min((v for q in args.policies if (v := med(("quiet", t, q)))), default=None)
+            if quiet and busy and fastest_quiet:
+                notes.append(f"- threads={t}, {p}: busy / quiet = **{busy / quiet:.2f}x**; quiet against the "
+                             f"fastest quiet setting = **{quiet / fastest_quiet:.2f}x**")
     return lines + ["", "Ratios of the median round-loop times:", "", *notes, ""]
 
 
@@ -137,7 +145,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="seconds: 1 thread, 1 round of 1 step, 1 repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", nargs="+", default=["1", "2"])
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--policies", nargs="+", default=list(WAITS), choices=list(WAITS))
     parser.add_argument("--conditions", nargs="+", default=["quiet", "busy"], choices=["quiet", "busy"])
     parser.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run")
     parser.add_argument("--out", type=Path, default=RESULTS / "threads.md")
