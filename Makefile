@@ -60,7 +60,7 @@ perf: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/lora_step.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/whole_run.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/memory.py
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/threads.py --threads 2 --repeats 2
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/threads.py --threads 1 2 --repeats 2
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/startup.py
 
 clean:
