@@ -35,6 +35,7 @@ from ilora.algorithm import (
     AuthorsOptions,
     ClientModel,
     Message,
+    check_bool,
     register,
     standard_lora_init,
     unflatten,
@@ -62,8 +63,7 @@ class LoRAFAIRConfig(AuthorsOptions):
             raise ValueError(f"cosine_steps must be non-negative, got {self.cosine_steps}")
         if self.cosine_lr <= 0:
             raise ValueError(f"cosine_lr must be positive, got {self.cosine_lr}")
-        if not isinstance(self.fold_scales, bool):
-            raise ValueError(f"fold_scales must be true or false, got {self.fold_scales!r}")
+        check_bool("fold_scales", self.fold_scales)
 
 
 def target_times_At(As: list[Tensor], Bs: list[Tensor], weights: list[float], A_bar: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ from ilora.algorithm import (
     Federation,
     Gradients,
     Message,
+    check_bool,
     pad_A,
     pad_B,
     register,
@@ -75,8 +76,7 @@ class ILoRAConfig:
         _check_choice("offset", self.offset, OFFSETS)
         _check_choice("cv_estimator", self.cv_estimator, CV_ESTIMATORS)
         _check_choice("factor_split", self.factor_split, FACTOR_SPLITS)
-        if not isinstance(self.control_variates, bool):
-            raise ValueError(f"control_variates must be true or false, got {self.control_variates!r}")
+        check_bool("control_variates", self.control_variates)
         norm = self.init_norm
         numeric = isinstance(norm, (int, float)) and not isinstance(norm, bool)
         if norm is not None and not (numeric and norm > 0):
