@@ -62,6 +62,7 @@ perf: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/memory.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/threads.py --threads 1 2 --repeats 2
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/startup.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/kernels.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
