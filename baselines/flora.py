@@ -28,28 +28,26 @@ from torch import Tensor
 from ilora.algorithm import (
     Algorithm,
     ClientModel,
+    CommContext,
     Message,
-    check_bool,
+    MethodConfig,
     register,
     standard_lora_init,
     unflatten,
 )
+from ilora.lowrank import stack_modules
 
 # The salt of the per-round fresh init (``standard_lora_init(fed, r_max, salt=_INIT_SALT + round)``).
 _INIT_SALT = 0x0F10
 
 
-def stack_modules(
-    A: list[Tensor], B: list[Tensor], weights: list[float], scales: list[float]
-) -> tuple[Tensor, Tensor]:
-    """``(A_stack, B_stack)`` with ``B_stack A_stack = sum_i w_i s_i B_i A_i`` (rows of A, columns of B)."""
-    A_stack = torch.cat([w * s * a for a, w, s in zip(A, weights, scales)], dim=0)
-    B_stack = torch.cat(list(B), dim=1)
-    return A_stack, B_stack
+def stacked_download(c: CommContext) -> tuple[int, int]:
+    """Up ``r_i (d + k)``; down the previous round's stack, ``(sum_j r_j)(d + k)`` (nothing in round 1)."""
+    return c.rank * (c.d + c.k), sum(c.previous_ranks) * (c.d + c.k)
 
 
 @dataclass
-class FLoRAConfig:
+class FLoRAConfig(MethodConfig):
     """FLoRA's only option is an audit of the ILoRA authors' way of running it (off by default).
 
     ``authors_merge``: their scripts merge only the latest round's stack into ``W0`` (earlier rounds
@@ -59,11 +57,9 @@ class FLoRAConfig:
 
     authors_merge: bool = False
 
-    def __post_init__(self) -> None:
-        check_bool("authors_merge", self.authors_merge)
 
-
-@register("flora")
+@register("flora", display_name="FLoRA", comm=stacked_download,
+          comm_text="r_i(d+k) up, (sum_j r_j)(d+k) down (previous round's stack)", groups=("paper",))
 class FLoRA(Algorithm):
     """Fresh LoRA per client per round; the server stacks and merges into float32 base weights."""
 

@@ -20,34 +20,26 @@ keeps the global pair in units of ``s_max = alpha / r_max``: client ``i`` upload
 clients' actual updates ``s_i B_i A_i`` (divided by ``s_max``).
 
 Audit options (off by default; the ILoRA authors' way of running it, see docs/reproduction-audit.md):
-``authors_merged_base``, ``authors_local_head`` (``ilora.algorithm.AuthorsOptions``).
+``authors_merged_base``, ``authors_local_head`` (``ilora.global_adapter.AuthorsOptions``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from ilora.algorithm import (
-    AuthorsBaseline,
-    AuthorsOptions,
-    ClientModel,
-    Message,
-    check_bool,
-    register,
-    standard_lora_init,
-    unflatten,
-    zero_padded_average,
-)
+from ilora.algorithm import CommContext, Message, register, unflatten, zero_padded_average
+from ilora.global_adapter import AuthorsOptions, GlobalAdapterMethod
 
 CORRECTIONS = ("closed_form", "cosine")
 
 
 @dataclass
 class LoRAFAIRConfig(AuthorsOptions):
-    correction: str = "closed_form"  # closed_form | cosine
+    correction: Literal["closed_form", "cosine"] = "closed_form"
     lam: float = 0.01  # the paper's lambda (regulariser of dB)
     cosine_steps: int = 300  # Adam steps of the cosine objective
     cosine_lr: float = 0.01  # Adam step size, relative to the RMS of B_bar
@@ -55,15 +47,12 @@ class LoRAFAIRConfig(AuthorsOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.correction not in CORRECTIONS:
-            raise ValueError(f"unknown correction {self.correction!r} (valid: {', '.join(CORRECTIONS)})")
         if self.lam < 0:
             raise ValueError(f"lam must be non-negative, got {self.lam}")
         if self.cosine_steps < 0:
             raise ValueError(f"cosine_steps must be non-negative, got {self.cosine_steps}")
         if self.cosine_lr <= 0:
             raise ValueError(f"cosine_lr must be positive, got {self.cosine_lr}")
-        check_bool("fold_scales", self.fold_scales)
 
 
 def target_times_At(As: list[Tensor], Bs: list[Tensor], weights: list[float], A_bar: Tensor) -> Tensor:
@@ -138,37 +127,21 @@ def cosine_correction(
     return best.to(B_bar.dtype)
 
 
-@register("lora_fair")
-class LoRAFAIR(AuthorsBaseline):
+def factors_both_ways(c: CommContext) -> tuple[int, int]:
+    """``r_i (d + k)`` up and down, as FedIT: the correction is computed on the server."""
+    return c.rank * (c.d + c.k), c.rank * (c.d + c.k)
+
+
+@register("lora_fair", display_name="LoRA-FAIR", comm=factors_both_ways, comm_text="r_i(d+k) up, r_i(d+k) down",
+          groups=("paper",))
+class LoRAFAIR(GlobalAdapterMethod):
     """FedIT's averages, then ``B <- B_bar + dB``; clients start from the corrected pair."""
 
     Config = LoRAFAIRConfig
 
-    def __init__(self, fed, config=None):
-        super().__init__(fed, config)
-        self.A, self.B = standard_lora_init(fed, fed.max_rank)
-
-    def _unit(self, cid: int) -> float:
-        """``s_i / s_max`` when scales are folded, else 1."""
-        return self.fed.scale_ratio(cid) if self.config.fold_scales else 1.0
-
-    def download(self, cid: int) -> tuple[Message, ClientModel]:
-        r = self.fed.ranks[cid]
-        unit = self._unit(cid)
-        head, send_head = self.client_head(cid)
-        model = ClientModel(
-            A={n: a[:r].clone() for n, a in self.A.items()},
-            B={n: b[:, :r] / unit for n, b in self.B.items()},
-            head=head,
-            scale=self.fed.scale(r),
-            base_delta=self.merged_base,
-        )
-        return model.flat(head=send_head), model
-
-    def aggregate(self, uploads: dict[int, Message], weights: dict[int, float]) -> None:
-        cids = list(uploads)
-        uploads = {c: self._to_global_units(c, uploads[c]) for c in cids}
+    def combine(self, uploads: dict[int, Message], weights: dict[int, float]) -> tuple[dict, dict]:
         A_bar, B_bar = zero_padded_average(uploads, weights, self.fed.max_rank)
+        cids = list(uploads)
         parts = [unflatten(uploads[c]) for c in cids]
         w = [weights[c] for c in cids]
         cfg = self.config
@@ -181,16 +154,4 @@ class LoRAFAIR(AuthorsBaseline):
                     As, Bs, w, A_bar[name], B_bar[name], cfg.lam, cfg.cosine_steps, cfg.cosine_lr
                 )
             B_bar[name] = B_bar[name] + dB
-        self.A, self.B = A_bar, B_bar
-        self.average_head(uploads, weights)
-        self.merge_global_adapter()
-
-    def _to_global_units(self, cid: int, msg: Message) -> Message:
-        unit = self._unit(cid)
-        if unit == 1.0:
-            return msg
-        return {k: (t * unit if k.startswith("lora_B/") else t) for k, t in msg.items()}
-
-    def eval_model(self) -> ClientModel:
-        return ClientModel(A=self.A, B=self.B, head=self.head, scale=self.fed.scale(self.fed.max_rank),
-                           base_delta=self.merged_base)
+        return A_bar, B_bar

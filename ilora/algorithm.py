@@ -1,4 +1,4 @@
-"""The Algorithm interface, its registry, and the small tensor helpers every method shares.
+"""The Algorithm interface, the method registry, and the small tensor helpers every method shares.
 
 An algorithm sees the federation only through tensors: per adapted layer a pair of LoRA factors
 (``A``: ``r x k``, ``B``: ``d x r``), the classification head's tensors, and the messages that go up
@@ -7,57 +7,148 @@ touches the backbone, the data or the optimiser; the simulator does that. This k
 small file and lets the same object run inside another federated runtime.
 
 Flat tensor names used in messages and gradient corrections:
-``lora_A/<layer>``, ``lora_B/<layer>``, ``head/<parameter>``.
+``lora_A/<layer>``, ``lora_B/<layer>``, ``lora_R/<layer>``, ``head/<parameter>``.
+
+Methods register with ``@register`` and are found through the ``ilora.methods`` entry point group
+(``pyproject.toml``): this module never imports a method, so a method in another installed package
+registers exactly as the built-in ones do.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from importlib import import_module
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ilora.lora import lora_scale
+from ilora.lowrank import pad_A, pad_B, weighted_sum
 
 Message = dict[str, Tensor]
 Gradients = dict[str, Tensor]
 
+METHOD_ENTRY_POINTS = "ilora.methods"
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CommContext:
+    """What one sampled client's bytes for one adapted layer (``d x k``) may depend on."""
+
+    rank: int  # r_i
+    d: int
+    k: int
+    max_rank: int
+    round: int  # 0-based
+    previous_ranks: tuple[int, ...] = ()  # the ranks of the clients sampled in the previous round
+
+
+CommFormula = Callable[[CommContext], tuple[int, int]]  # (uplink, downlink) elements of one layer
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What a method declares where it registers; the report, the docs and the tests read it here.
+
+    ``comm`` counts one layer's elements per sampled client and round without control variates (they
+    add the trained tensors' shapes both ways); ``shares_head``: the head travels both ways too.
+    ``personalised``: the method is evaluated on each client's own model, not one global model.
+    """
+
+    name: str
+    display_name: str
+    comm: CommFormula
+    comm_text: str
+    groups: tuple[str, ...] = ()
+    shares_head: bool = True
+    personalised: bool = False
+
+
 _REGISTRY: dict[str, type[Algorithm]] = {}
+_DISCOVERED = False
 
 
-def register(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
-    """Class decorator: make an algorithm available as ``method=<name>``."""
+def register(
+    name: str,
+    *,
+    display_name: str,
+    comm: CommFormula,
+    comm_text: str,
+    groups: Iterable[str] = (),
+    shares_head: bool = True,
+    personalised: bool = False,
+) -> Callable[[type[Algorithm]], type[Algorithm]]:
+    """Class decorator: make an algorithm available as ``method=<name>``, with its display name, its
+    communication formula (``comm``, and ``comm_text`` for people) and the method groups it belongs to."""
 
     def wrap(cls: type[Algorithm]) -> type[Algorithm]:
         if name in _REGISTRY:
             raise ValueError(f"algorithm {name!r} is registered twice")
         cls.name = name
+        cls.info = MethodInfo(name, display_name, comm, comm_text, tuple(groups), shares_head, personalised)
         _REGISTRY[name] = cls
         return cls
 
     return wrap
 
 
-def _load_builtin() -> None:
-    import baselines  # noqa: F401  (registers the baselines)
-    import ilora.method  # noqa: F401  (registers ilora, ilora_s)
+def discover_methods() -> None:
+    """Import every module named in the ``ilora.methods`` entry point group (once)."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    for ep in entry_points(group=METHOD_ENTRY_POINTS):
+        import_module(ep.value)
+    if not _REGISTRY:
+        raise RuntimeError(
+            "no federated methods are registered: install the suite (pip install -e .) so that its "
+            f"{METHOD_ENTRY_POINTS!r} entry points exist"
+        )
 
 
 def available_algorithms() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+    discover_methods()
+    return sorted(_REGISTRY, key=lambda n: (_REGISTRY[n].info.groups[:1] != ("paper",), n))
 
 
 def get_algorithm(name: str) -> type[Algorithm]:
-    _load_builtin()
+    discover_methods()
     if name not in _REGISTRY:
         raise KeyError(name)
     return _REGISTRY[name]
+
+
+def method_info(name: str) -> MethodInfo:
+    return get_algorithm(name).info
+
+
+def method_groups() -> dict[str, list[str]]:
+    """Group name -> its methods; ``all`` holds every registered method."""
+    groups: dict[str, list[str]] = {"all": available_algorithms()}
+    for name in groups["all"]:
+        for g in _REGISTRY[name].info.groups:
+            groups.setdefault(g, []).append(name)
+    return groups
+
+
+def display_name(name: str) -> str:
+    """A method's display name (``name`` itself if no method has that name)."""
+    discover_methods()
+    return _REGISTRY[name].info.display_name if name in _REGISTRY else name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,16 +213,24 @@ class ClientModel:
     base_delta: dict[str, Tensor] | None = None  # added to W0 (merged updates, e.g. FLoRA)
     train_A: bool = True
     train_B: bool = True
+    R: dict[str, Tensor] | None = None  # an r x r middle factor per layer (update s B R A), e.g. Fed-SB
+    train_R: bool = True
 
     @property
     def rank(self) -> int:
         return next(iter(self.A.values())).shape[0]
 
+    @property
+    def trained_factors(self) -> tuple[str, ...]:
+        """The factors a client trains (``A``, ``B``, ``R``), in that order."""
+        flags = (("A", self.train_A), ("B", self.train_B), ("R", self.R is not None and self.train_R))
+        return tuple(name for name, trained in flags if trained)
+
     def flat(self, factors: Iterable[str] = ("A", "B"), head: bool = True) -> Message:
-        """The trainable tensors as one flat message (what a client usually sends)."""
+        """The named factors (and the head) as one flat message (what a client usually sends)."""
         msg: Message = {}
         for which in factors:
-            for name, t in getattr(self, which).items():
+            for name, t in (getattr(self, which) or {}).items():
                 msg[f"lora_{which}/{name}"] = t
         if head:
             msg.update({f"head/{n}": t for n, t in self.head.items()})
@@ -139,12 +238,19 @@ class ClientModel:
 
 
 def unflatten(msg: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
-    """Split a flat message into ``(A, B, head)`` dicts (missing parts come back empty)."""
-    parts: dict[str, dict[str, Tensor]] = {"lora_A": {}, "lora_B": {}, "head": {}}
+    """Split a flat message into ``(A, B, head)`` dicts (missing parts come back empty; other kinds
+    of tensor, e.g. control variates or ``lora_R``, are left out: see ``message_part``)."""
+    return message_part(msg, "lora_A"), message_part(msg, "lora_B"), message_part(msg, "head")
+
+
+def message_part(msg: Mapping[str, Tensor], kind: str) -> dict[str, Tensor]:
+    """The tensors of one kind (``lora_A``, ``lora_B``, ``lora_R``, ``head``...) by layer / parameter name."""
+    out = {}
     for key, t in msg.items():
-        kind, _, name = key.partition("/")
-        parts[kind][name] = t
-    return parts["lora_A"], parts["lora_B"], parts["head"]
+        prefix, _, name = key.partition("/")
+        if prefix == kind:
+            out[name] = t
+    return out
 
 
 def message_bytes(msg: Mapping[str, Tensor]) -> int:
@@ -152,27 +258,10 @@ def message_bytes(msg: Mapping[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in msg.values())
 
 
+
 # ---------------------------------------------------------------------------------------------
 # Shared tensor helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def pad_A(A: Tensor, rank: int) -> Tensor:
-    """Zero rows appended so that ``A`` has ``rank`` rows."""
-    return torch.cat([A, A.new_zeros(rank - A.shape[0], A.shape[1])], dim=0)
-
-
-def pad_B(B: Tensor, rank: int) -> Tensor:
-    """Zero columns appended so that ``B`` has ``rank`` columns."""
-    return torch.cat([B, B.new_zeros(B.shape[0], rank - B.shape[1])], dim=1)
-
-
-def weighted_sum(tensors: Iterable[Tensor], weights: Iterable[float]) -> Tensor:
-    total = None
-    for t, w in zip(tensors, weights):
-        total = t * w if total is None else total + t * w
-    assert total is not None, "weighted_sum of nothing"
-    return total
 
 
 def average(dicts: list[Mapping[str, Tensor]], weights: list[float]) -> dict[str, Tensor]:
@@ -212,61 +301,62 @@ def clone_tensors(d: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in d.items()}
 
 
+# ---------------------------------------------------------------------------------------------
+# Method options: a dataclass per method, checked against its field types
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """Raise ``ValueError`` naming ``name`` when ``value`` does not fit the type ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                _check_type(name, value, option)
+                return
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{name} has an invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"unknown {name} {value!r} (valid: {', '.join(map(str, args))})")
+        return
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    elif hint is str and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r}")
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's options: each field is checked against its type on creation
+    (``Literal[...]`` fields name their valid choices); subclasses add range checks."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+
+
 def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
-def dense_update(A: Mapping[str, Tensor], B: Mapping[str, Tensor], scale: float) -> dict[str, Tensor]:
-    """``scale * B @ A`` per layer, in float32 at least (a dense ``d x k`` update merged into a base)."""
-    dtype = torch.promote_types(next(iter(A.values())).dtype, torch.float32)
-    return {n: scale * (B[n].to(dtype) @ A[n].to(dtype)) for n in A}
-
-
-# ---------------------------------------------------------------------------------------------
-# The ILoRA authors' way of running the zero-padding baselines (audit options, off by default)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class AuthorsOptions:
-    """How the ILoRA authors' scripts ran FedIT, LoRA-FAIR and FFA-LoRA (see docs/reproduction-audit.md).
-
-    - ``authors_merged_base``: their CV scripts merge the aggregated adapter into a checkpoint
-      (``W0 + s B_g A_g``, ``s = alpha / r_max``) that every client and the evaluation then load
-      *under* the same adapter again, so training starts from and evaluation sees the global adapter twice.
-    - ``authors_local_head``: their heterogeneous-rank NLP script never sends the aggregated head back:
-      each client starts every round from its own fixed random head; the server evaluates the average.
-    """
-
-    authors_merged_base: bool = False
-    authors_local_head: bool = False
-
-    def __post_init__(self) -> None:
-        check_bool("authors_merged_base", self.authors_merged_base)
-        check_bool("authors_local_head", self.authors_local_head)
-
-
-def local_random_head(fed: Federation, template: Mapping[str, Tensor], cid: int) -> dict[str, Tensor]:
-    """A fresh head for client ``cid``, drawn as ``nn.Linear`` initialises (uniform, bound 1/sqrt(fan_in))."""
-    g = fed.generator(0x4EAD, cid)
-    head = {}
-    for name, t in template.items():
-        weight = t if t.dim() >= 2 else template.get(name.replace("bias", "weight"), t)
-        fan_in = weight.shape[1] if weight.dim() >= 2 else weight.shape[0]
-        bound = 1.0 / math.sqrt(fan_in)
-        head[name] = ((torch.rand(t.shape, generator=g, dtype=torch.float64) * 2 - 1) * bound).to(t)
-    return head
-
-
 # ---------------------------------------------------------------------------------------------
 # The interface
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class NoConfig:
-    """An algorithm without hyperparameters of its own."""
 
 
 class Algorithm:
@@ -280,13 +370,15 @@ class Algorithm:
     """
 
     name: ClassVar[str] = "base"
-    Config: ClassVar[type] = NoConfig
+    info: ClassVar[MethodInfo]
+    Config: ClassVar[type] = MethodConfig
 
     def __init__(self, fed: Federation, config: Any = None):
         self.fed = fed
         self.config = config if config is not None else self.Config()
         self.head = clone_tensors(fed.head_init)
         self.clients: dict[int, dict[str, Any]] = {}
+        self.control_variates: Any = None  # a ControlVariates component, if the method switched it on
 
     def client_state(self, cid: int) -> dict[str, Any]:
         """The persistent state of client ``cid``, created by ``init_client`` on first use."""
@@ -306,12 +398,18 @@ class Algorithm:
         """Called after the model is loaded and before the first local step.
 
         ``full_gradient(batch_means=False, eval_mode=False)`` computes the gradient of the client's
-        whole local loss at the loaded model (see ``Simulation.full_gradient``).
+        whole local loss at the loaded model (see ``Simulation.full_gradient``). By default: the control
+        variates' ``c_i`` estimate, when the method uses them.
         """
+        if self.control_variates is not None:
+            self.control_variates.local_start(cid, full_gradient)
 
     def gradient_correction(self, cid: int) -> Gradients | None:
-        """Tensors added to the gradients (flat names) before every optimiser step; ``None``: none."""
-        return None
+        """Tensors added to the gradients (flat names) before every optimiser step; ``None``: none.
+
+        By default: the control variates' ``c - c_i``, when the method uses them.
+        """
+        return None if self.control_variates is None else self.control_variates.correction(cid)
 
     def upload(self, cid: int, trained: ClientModel) -> Message:
         return trained.flat()
@@ -321,7 +419,12 @@ class Algorithm:
         raise NotImplementedError
 
     def eval_model(self) -> ClientModel:
+        """The global model the server evaluates (personalised methods: see ``client_eval_models``)."""
         raise NotImplementedError
+
+    def client_eval_models(self) -> dict[int, ClientModel] | None:
+        """Personalised methods: every client's own model, evaluated instead of ``eval_model``."""
+        return None
 
     # -- shared pieces -------------------------------------------------------------------------
     def average_head(self, uploads: dict[int, Message], weights: dict[int, float]) -> None:
@@ -339,22 +442,3 @@ def build_config(cls: type[Algorithm], values: Mapping[str, Any]) -> Any:
         valid = ", ".join(sorted(fields)) or "none"
         raise ValueError(f"method {cls.name!r} has no option {unknown[0]!r} (valid: {valid})")
     return cls.Config(**values)
-
-
-class AuthorsBaseline(Algorithm):
-    """A baseline with one global pair ``self.A, self.B`` at ``r_max`` and the ``AuthorsOptions``."""
-
-    def __init__(self, fed: Federation, config: Any = None):
-        super().__init__(fed, config)
-        self.merged_base: dict[str, Tensor] | None = None  # authors_merged_base: s B_g A_g after aggregation
-
-    def client_head(self, cid: int) -> tuple[dict[str, Tensor], bool]:
-        """The head client ``cid`` starts from, and whether it travels down the wire."""
-        if not self.config.authors_local_head:
-            return clone_tensors(self.head), True
-        return local_random_head(self.fed, self.fed.head_init, cid), False
-
-    def merge_global_adapter(self) -> None:
-        """After aggregation (``authors_merged_base``): the base clients and the evaluation load the adapter onto."""
-        if self.config.authors_merged_base:
-            self.merged_base = dense_update(self.A, self.B, self.fed.scale(self.fed.max_rank))

@@ -1,10 +1,11 @@
 """Round checkpoints of a run, so that a killed run resumes where it stopped and loses nothing.
 
 An algorithm's state is its instance attributes (except the static ``fed`` and ``config``): nested
-dicts, lists and tuples of tensors and plain values. They are split into a JSON skeleton and a flat
-set of tensors stored with safetensors (never pickle). Because client sampling is pre-drawn and every
-client's local training is seeded by (run seed, round, client), a resumed run computes exactly what an
-uninterrupted one does.
+dicts, lists and tuples of tensors and plain values, and components that declare ``checkpoint_static``
+(e.g. ``ControlVariates``), whose other attributes are saved and restored into the existing object.
+They are split into a JSON skeleton and a flat set of tensors stored with safetensors (never pickle).
+Because client sampling is pre-drawn and every client's local training is seeded by (run seed, round,
+client), a resumed run computes exactly what an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from ilora.algorithm import Algorithm
 _STATIC = {"fed", "config"}
 
 
+class _ComponentState(dict):
+    """The saved attributes of a component (restored into the algorithm's existing object)."""
+
+
 def _flatten(obj: Any, path: str, tensors: dict[str, Tensor]) -> Any:
+    if hasattr(obj, "checkpoint_static"):
+        state = {k: v for k, v in vars(obj).items() if k not in obj.checkpoint_static}
+        return {"__component__": _flatten(state, path, tensors)}
     if isinstance(obj, Tensor):
         key = f"t{len(tensors)}"
         tensors[key] = obj.detach().to("cpu").clone().contiguous()
@@ -43,6 +51,8 @@ def _flatten(obj: Any, path: str, tensors: dict[str, Tensor]) -> Any:
 
 
 def _unflatten(node: Any, tensors: dict[str, Tensor], device: torch.device) -> Any:
+    if "__component__" in node:
+        return _ComponentState(_unflatten(node["__component__"], tensors, device))
     if "__tensor__" in node:
         return tensors[node["__tensor__"]].to(device)
     if "__dict__" in node:
@@ -62,7 +72,11 @@ def algorithm_state(algo: Algorithm) -> tuple[Any, dict[str, Tensor]]:
 
 def restore_algorithm(algo: Algorithm, skeleton: Any, tensors: dict[str, Tensor]) -> None:
     for key, value in _unflatten(skeleton, tensors, algo.fed.device).items():
-        setattr(algo, key, value)
+        if isinstance(value, _ComponentState):
+            for name, attr in value.items():
+                setattr(getattr(algo, key), name, attr)
+        else:
+            setattr(algo, key, value)
 
 
 def save_checkpoint(directory: Path, algo: Algorithm, rounds: list[dict], config_hash: str) -> None:

@@ -1,4 +1,4 @@
-"""The ``ilora`` command line: ``ilora run``, ``ilora list`` (and more as the suite grows)."""
+"""The ``ilora`` command line: ``run``, ``list``, ``data``, ``sweep``, ``report`` and ``compare``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import os
 import signal
 import sys
+from pathlib import Path
+from typing import Any
 
 from ilora.errors import UserError  # importing ilora sets the OpenMP defaults before torch (ilora/__init__.py)
 
@@ -59,14 +61,131 @@ def cmd_list(args: argparse.Namespace) -> int:
     from ilora.data import available_datasets
     from ilora.models import available_models
 
-    methods = [[n, (get_algorithm(n).__doc__ or "").strip().splitlines()[0]] for n in available_algorithms()]
-    print(tabulate(methods, headers=["method", "what it does"]), end="\n\n")
+    methods = []
+    for n in available_algorithms():
+        cls = get_algorithm(n)
+        methods.append([n, cls.info.display_name, ", ".join(cls.info.groups), cls.info.comm_text,
+                        (cls.__doc__ or "").strip().splitlines()[0]])
+    print(tabulate(methods, headers=["method", "name", "groups", "per layer and client", "what it does"]),
+          end="\n\n")
     datasets = [[n, k, "yes" if off else "needs the HF cache"] for n, (k, off) in available_datasets().items()]
     print(tabulate(datasets, headers=["dataset", "kind", "offline"]), end="\n\n")
     models = [[n, k, "yes" if off else "needs the HF cache"] for n, (k, off) in available_models().items()]
     print(tabulate(models, headers=["model", "kind", "offline"]), end="\n\n")
     print("presets: " + ", ".join(available_presets()))
     return 0
+
+
+# ------------------------------------------------------------------------------------ benchmarks
+def _split(items: list[str]) -> tuple[list[str], list[str]]:
+    """Positional words into benchmark names and ``key=value`` overrides."""
+    names = [i for i in items if "=" not in i]
+    return names, [i for i in items if "=" in i]
+
+
+def _check_preset(preset: str) -> None:
+    from ilora.benchmark import SWEEP_PRESETS
+
+    if preset not in SWEEP_PRESETS:
+        raise UserError(f"unknown preset {preset!r} (valid: {', '.join(SWEEP_PRESETS)})")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from ilora.benchmark import default_out_dir, plan, resolve_benchmarks
+    from ilora.sweep import run_sweep, threads_per_job
+
+    _check_preset(args.preset)
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
+    names, overrides = _split(args.items)
+    benches = resolve_benchmarks(names)
+    runs = plan(benches, args.preset, overrides, args.out_dir)
+    out = args.out_dir or default_out_dir(args.preset)
+    print(f"{len(benches)} benchmark(s), {len(runs)} distinct runs, preset {args.preset}, {args.jobs} job(s) "
+          f"x {threads_per_job(args.jobs)} thread(s), records under {out}", file=sys.stderr)
+    summary = run_sweep(runs, args.jobs, retry_failed=args.retry_failed)
+    print(summary.line(), file=sys.stderr)
+    for run_id, error in summary.failed:
+        print(f"  failed: {run_id}: {error}", file=sys.stderr)
+    if args.report:
+        from ilora.report import report
+
+        written = report(benches, args.preset, overrides, args.out_dir, Path(args.results_dir))
+        print(f"report: {len(written)} files under {args.results_dir}/", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ilora.benchmark import resolve_benchmarks
+    from ilora.report import report
+
+    _check_preset(args.preset)
+    names, overrides = _split(args.items)
+    benches = resolve_benchmarks(names)
+    written = report(benches, args.preset, overrides, args.out_dir, Path(args.results_dir),
+                     plots=not args.no_plots)
+    for path in written:
+        print(path)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Every registered method on one setting (``benchmarks/compare.yaml``): sweep, rank, plot."""
+    from tabulate import tabulate
+
+    from ilora.benchmark import expand, load_benchmark
+    from ilora.report import build_table, collect, plot_communication, plot_rounds, ranking, write_table
+    from ilora.sweep import run_sweep
+
+    _check_preset(args.preset)
+    bench = load_benchmark(args.benchmark)
+    runs = expand(bench, args.preset, args.overrides, args.out_dir)
+    summary = run_sweep(runs, args.jobs, retry_failed=args.retry_failed)
+    print(summary.line(), file=sys.stderr)
+    df = collect(runs)
+    first = runs[0].config
+    print(f"\n{bench.title}: {first.dataset} / {first.model}, ranks {list(first.ranks)}, "
+          f"Dirichlet {first.dirichlet_alpha}, {first.rounds} rounds ({args.preset} preset)\n")
+    print(tabulate(ranking(df), headers="keys", showindex=False, floatfmt=".2f"))
+    results = Path(args.results_dir)
+    written = write_table(build_table(bench, args.preset, df), bench.name, args.preset,
+                          results / "tables" / args.preset, bench.description)
+    written += plot_rounds(bench, args.preset, df, results / "plots" / args.preset / f"{bench.name}_rounds")
+    written += plot_communication(bench, args.preset, df,
+                                  results / "plots" / args.preset / f"{bench.name}_communication")
+    print("\nwritten: " + ", ".join(str(p) for p in written))
+    return 0 if not summary.failed else 1
+
+
+def _common_options(parser: argparse.ArgumentParser, run: bool) -> None:
+    """Options shared by ``sweep``, ``report`` and ``compare`` (``run``: those that launch runs)."""
+    parser.add_argument("--preset", default="cpu", help="paper | cpu | smoke (default cpu)")
+    if run:
+        parser.add_argument("--jobs", type=int, default=1, help="parallel processes (CPU threads are split)")
+        parser.add_argument("--retry-failed", action="store_true", help="also redo runs recorded as failed")
+    parser.add_argument("--out-dir", default=None, help="where run records live (default runs/<preset>)")
+    parser.add_argument("--results-dir", default="results", help="where tables and plots go")
+
+
+def add_sweep_parsers(sub: Any) -> None:
+    """``ilora sweep``, ``ilora report`` and ``ilora compare``."""
+    sweep = sub.add_parser("sweep", help="run benchmark grids: ilora sweep BENCHMARK... --preset P --jobs N")
+    sweep.add_argument("items", nargs="*", help="benchmark names (or all), then key=value overrides")
+    _common_options(sweep, run=True)
+    sweep.add_argument("--report", action="store_true", help="build the tables and plots afterwards")
+    sweep.set_defaults(func=cmd_sweep)
+
+    rep = sub.add_parser("report", help="tables and plots from the results records")
+    rep.add_argument("items", nargs="*", help="benchmark names (default all), then key=value overrides")
+    _common_options(rep, run=False)
+    rep.add_argument("--no-plots", action="store_true", help="tables only")
+    rep.set_defaults(func=cmd_report)
+
+    cmp_ = sub.add_parser("compare", help="all methods on one setting: run, rank, plot")
+    cmp_.add_argument("overrides", nargs="*", help="key=value overrides of the setting, e.g. dataset=tweets")
+    cmp_.add_argument("--benchmark", default="compare", help="the benchmark holding the setting")
+    _common_options(cmp_, run=True)
+    cmp_.set_defaults(func=cmd_compare)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,8 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     from ilora.datacli import add_data_parser
 
     add_data_parser(sub)
-    from ilora.sweep import add_sweep_parsers
-
     add_sweep_parsers(sub)
     return parser
 

@@ -52,10 +52,7 @@ class RunConfig:
     backbone_dropout: bool = True  # the pretrained network's own dropout active in local training (authors' code)
     rslora: bool = False
     lora_targets: str | None = None  # a backbone's choice of adapted layers (efficientnet_lite0); None: its default
-    # method switches shared by several methods (None: the method's own default)
-    init: str | None = None  # standard | qr
-    aggregate: str | None = None  # fedavg | concat_qr
-    control_variates: bool | None = None
+    # the method's own options, checked against its config dataclass (configs/method/<method>.yaml)
     method_args: dict[str, Any] = field(default_factory=dict)
     # data
     max_length: int = 64
@@ -196,19 +193,13 @@ def validate(cfg: RunConfig) -> None:
 
 
 def method_options(cfg: RunConfig) -> Any:
-    """The method's config dataclass from ``method_args`` plus the shared switches that are set."""
+    """The method's config dataclass from ``method_args`` (unknown options and wrong types named)."""
     from ilora.algorithm import build_config, get_algorithm
 
-    cls = get_algorithm(cfg.method)
-    values = dict(cfg.method_args)
-    for key in ("init", "aggregate", "control_variates"):
-        value = getattr(cfg, key)
-        if value is not None:
-            values[key] = value
     try:
-        return build_config(cls, values)
+        return build_config(get_algorithm(cfg.method), dict(cfg.method_args))
     except (ValueError, TypeError) as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(f"method_args: {exc}") from None
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -3,11 +3,12 @@
 One ``LoRALinear`` wraps one frozen ``nn.Linear``. Its factors are swapped in and out per client
 (``set_factors``), so a single backbone serves every client whatever its rank:
 
-    y = x W^T + s * x (B A)^T - s0 * x (B0 A0)^T
+    y = x W^T + s * x (B R A)^T - s0 * x (B0 A0)^T
 
 where ``W`` is the frozen base weight (optionally shifted by a frozen ``base_delta``), ``A`` is
 ``r x k``, ``B`` is ``d x r``, ``s = alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA), and
-``(B0, A0, s0)`` is an optional frozen offset (ILoRA starts from ``W0 - s B0 A0``).
+``(B0, A0, s0)`` is an optional frozen offset (ILoRA starts from ``W0 - s B0 A0``). The ``r x r``
+middle factor ``R`` is absent (the identity) except for methods that train one (Fed-SB).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
         self.scaling = lora_scale(alpha, rank, rslora)
+        self.lora_R: nn.Parameter | None = None  # optional r x r middle factor: the update is s B R A
         self.offset: tuple[Tensor, Tensor, float] | None = None
         self._pretrained_weight: Tensor | None = None  # kept only once a base delta is applied
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init
@@ -60,6 +62,11 @@ class LoRALinear(nn.Module):
         return self.lora_A.shape[0]
 
     @property
+    def effective_A(self) -> Tensor:
+        """``R A`` when a middle factor is loaded, else ``A`` (the update is always ``s B effective_A``)."""
+        return self.lora_A if self.lora_R is None else self.lora_R @ self.lora_A
+
+    @property
     def pretrained_weight(self) -> Tensor:
         """``W0``: the base weight before any ``base_delta`` was applied."""
         return self.base.weight if self._pretrained_weight is None else self._pretrained_weight
@@ -72,8 +79,10 @@ class LoRALinear(nn.Module):
         offset: tuple[Tensor, Tensor, float] | None = None,
         train_A: bool = True,
         train_B: bool = True,
+        R: Tensor | None = None,
+        train_R: bool = True,
     ) -> None:
-        """Load new factors (copied); ``scale`` defaults to ``alpha / rank``."""
+        """Load new factors (copied); ``scale`` defaults to ``alpha / rank``; ``R``: a middle factor or none."""
         if A.shape[0] != B.shape[1] or A.shape[1] != self.in_features or B.shape[0] != self.out_features:
             raise ValueError(
                 f"factor shapes A{tuple(A.shape)} B{tuple(B.shape)} do not fit a "
@@ -82,6 +91,10 @@ class LoRALinear(nn.Module):
         w = self.base.weight
         self.lora_A = nn.Parameter(A.detach().to(w.device, w.dtype).clone(), requires_grad=train_A)
         self.lora_B = nn.Parameter(B.detach().to(w.device, w.dtype).clone(), requires_grad=train_B)
+        if R is not None and R.shape != (A.shape[0], A.shape[0]):
+            raise ValueError(f"middle factor R{tuple(R.shape)} does not fit rank {A.shape[0]}")
+        self.lora_R = None if R is None else nn.Parameter(R.detach().to(w.device, w.dtype).clone(),
+                                                           requires_grad=train_R)
         self.scaling = lora_scale(self.alpha, A.shape[0], self.rslora) if scale is None else float(scale)
         if offset is not None:
             A0, B0, s0 = offset
@@ -101,7 +114,7 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> Tensor:
         """The dense update this layer adds to its frozen weight, ``d x k``."""
-        delta = self.scaling * (self.lora_B @ self.lora_A)
+        delta = self.scaling * (self.lora_B @ self.effective_A)
         if self.offset is not None:
             A0, B0, s0 = self.offset
             delta = delta - s0 * (B0 @ A0)
@@ -113,7 +126,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.base(x)
         h = self.dropout(x)
-        out = out + self.scaling * ((h @ self.lora_A.t()) @ self.lora_B.t())
+        out = out + self.scaling * ((h @ self.effective_A.t()) @ self.lora_B.t())
         if self.offset is not None:
             A0, B0, s0 = self.offset
             out = out - s0 * ((h @ A0.t()) @ B0.t())
@@ -279,7 +292,7 @@ class LoRAConv1x1(LoRALinear):
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv(x)
         h = self.dropout(x)
-        out = out + self.scaling * self._low_rank(h, self.lora_A, self.lora_B)
+        out = out + self.scaling * self._low_rank(h, self.effective_A, self.lora_B)
         if self.offset is not None:
             A0, B0, s0 = self.offset
             out = out - s0 * self._low_rank(h, A0, B0)
@@ -307,7 +320,7 @@ class LoRASlice(LoRALinear):
     def update(self, x: Tensor) -> Tensor:
         """``s x (B A)^T`` (minus the offset's part) for input ``x``: ``... x d``."""
         h = self.dropout(x)
-        out = self.scaling * ((h @ self.lora_A.t()) @ self.lora_B.t())
+        out = self.scaling * ((h @ self.effective_A.t()) @ self.lora_B.t())
         if self.offset is not None:
             A0, B0, s0 = self.offset
             out = out - s0 * ((h @ A0.t()) @ B0.t())

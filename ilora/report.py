@@ -22,17 +22,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ilora.sweep import Benchmark, PlannedRun, expand, read_record
+from ilora.algorithm import display_name
+from ilora.benchmark import Benchmark, PlannedRun, expand, read_record
 
-METHOD_NAMES = {
-    "fedit": "FedIT", "flora": "FLoRA", "lora_fair": "LoRA-FAIR", "ffa_lora": "FFA-LoRA", "ilora": "ILoRA",
-    "ilora_s": "ILoRA-S", "flexlora": "FlexLoRA", "hetlora": "HetLoRA",
-}
 AVERAGE = "average"
 
 
 def display(label: str) -> str:
-    return METHOD_NAMES.get(label, label)
+    """A row label as shown: a method's registered display name, other labels as they are."""
+    return display_name(label)
 
 
 # -------------------------------------------------------------------------------------- collecting
@@ -559,8 +557,8 @@ def write_not_run(bench: Benchmark, preset: str, directory: Path) -> Path:
 
 def write_provenance(benches: list[Benchmark], preset: str, out_dir: str | None, directory: Path) -> Path:
     """Where the tables came from: machine, versions and commits of the records, when."""
+    from ilora.benchmark import default_out_dir
     from ilora.runner import write_atomic
-    from ilora.sweep import default_out_dir
 
     root = Path(out_dir or default_out_dir(preset))
     versions: dict[str, set[str]] = {}

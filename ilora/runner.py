@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -29,7 +30,7 @@ from ilora.data.cache import cached_encode, preprocessing_key
 from ilora.data.partition import PartitionSpec, cached_partition
 from ilora.errors import UserError
 from ilora.models import ModelOptions, build_model, dataset_model_check
-from ilora.simulation import RoundRecord, Simulation, TrainConfig, client_sampling_stream
+from ilora.simulation import RoundRecord, Simulation, client_sampling_stream
 
 
 def resolve_device(name: str) -> torch.device:
@@ -146,13 +147,8 @@ def setup(cfg: RunConfig) -> tuple[Simulation, dict[str, Any]]:
         device=device,
     )
     algorithm = get_algorithm(cfg.method)(fed, method_options(cfg))
-    train_cfg = TrainConfig(
-        rounds=cfg.rounds, local_epochs=cfg.local_epochs, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
-        eval_batch_size=cfg.eval_batch_size, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, progress=cfg.progress,
-    )
     sampling = client_sampling_stream(cfg.num_clients, cfg.participation, cfg.rounds, seeds["sampling"])
-    sim = Simulation(algorithm, backbone, client_data, test, train_cfg, sampling, seeds["training"], device)
+    sim = Simulation(algorithm, backbone, client_data, test, cfg, sampling, seeds["training"], device)
     facts = {
         "partition_hash": spec.key(cfg.dataset, "train", data.train.labels),
         "client_sizes": [len(p) for p in parts],
@@ -160,6 +156,11 @@ def setup(cfg: RunConfig) -> tuple[Simulation, dict[str, Any]]:
         "num_test": len(data.test),
         "num_classes": data.num_classes,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "method_options": dataclasses.asdict(algorithm.config),
+        "evaluation": (
+            "personalised: mean over clients of each client's own model's accuracy on the global test set"
+            if algorithm.info.personalised else "global model on the global test set"
+        ),
     }
     return sim, facts
 
@@ -233,7 +234,7 @@ def write_record(run_dir: Path, record: dict[str, Any]) -> None:
     """``result.json`` and ``metrics.csv``, each written atomically (metrics first)."""
     buf = io.StringIO()
     if record["rounds"]:
-        fields = [k for k in record["rounds"][0] if k != "clients"]
+        fields = [k for k in record["rounds"][0] if k not in ("clients", "client_accuracy")]
         writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(record["rounds"])

@@ -20,22 +20,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ilora.algorithm import Algorithm, ClientModel, Gradients, message_bytes
+from ilora.config import RunConfig
 from ilora.models import Backbone, Batch
-
-
-@dataclass
-class TrainConfig:
-    rounds: int = 5
-    local_epochs: int = 1
-    local_steps: int | None = None  # if set, a fixed number of steps instead of epochs
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    optimizer: str = "adamw"  # sgd | adamw
-    lr: float = 1e-4
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    grad_clip: float | None = None
-    progress: bool = True
 
 
 @dataclass
@@ -53,6 +39,7 @@ class RoundRecord:
     eval_s: float
     wall_s: float
     first_step_update: float = float("nan")  # mean over clients of ||s B A change|| from the first local step
+    client_accuracy: list[float] = field(default_factory=list)  # personalised methods: each client's own model
 
     @property
     def overhead_share(self) -> float:
@@ -73,7 +60,7 @@ class Simulation:
     backbone: Backbone
     client_data: list[Batch]  # per client, tensors on the device
     test_data: Batch
-    config: TrainConfig
+    config: RunConfig  # the run's settings (rounds, local training, evaluation batch size, progress)
     sampling: list[list[int]]
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -109,7 +96,7 @@ class Simulation:
             aggregate_s = self._now() - agg0
 
             eval0 = self._now()
-            accuracy, loss = self.evaluate(algo.eval_model())
+            accuracy, loss, client_accuracy = self.evaluate_round()
             eval_s = self._now() - eval0
 
             record = RoundRecord(
@@ -117,6 +104,7 @@ class Simulation:
                 train_loss=float(np.mean(train_losses)), uplink_bytes=uplink, downlink_bytes=downlink,
                 train_s=train_s, compute_s=self._compute_s, aggregate_s=aggregate_s, eval_s=eval_s,
                 wall_s=self._now() - wall0, first_step_update=float(np.mean(first_steps)),
+                client_accuracy=client_accuracy,
             )
             records.append(record)
             rounds.set_postfix(acc=f"{accuracy:.4f}", loss=f"{loss:.3f}")
@@ -167,7 +155,8 @@ class Simulation:
         return self.read(model), mean_loss, first_step
 
     def _factors(self) -> dict[str, tuple[Tensor, Tensor]]:
-        return {n: (l.lora_A.detach().clone(), l.lora_B.detach().clone()) for n, l in self.backbone.lora_layers.items()}
+        return {n: (l.effective_A.detach().clone(), l.lora_B.detach().clone())
+                for n, l in self.backbone.lora_layers.items()}
 
     @torch.no_grad()
     def _product_change(self, before: dict[str, tuple[Tensor, Tensor]], scale: float) -> float:
@@ -176,7 +165,7 @@ class Simulation:
         for n, layer in self.backbone.lora_layers.items():
             A0, B0 = before[n]
             X = torch.cat([layer.lora_B, -B0], dim=1).double()
-            Y = torch.cat([layer.lora_A, A0], dim=0).double()
+            Y = torch.cat([layer.effective_A.detach(), A0], dim=0).double()
             total += float(((X.T @ X) * (Y @ Y.T)).sum().clamp_min(0.0))  # ||X Y||_F^2 = <X^T X, Y Y^T>
         return abs(scale) * total**0.5
 
@@ -212,6 +201,17 @@ class Simulation:
         return grads
 
     # ---------------------------------------------------------------------------- evaluation
+    def evaluate_round(self) -> tuple[float, float, list[float]]:
+        """The global model's accuracy and loss; for a personalised method, the mean over every client's
+        own model on the same test set (unweighted), with the clients' accuracies."""
+        personal = self.algorithm.client_eval_models()
+        if personal is None:
+            accuracy, loss = self.evaluate(self.algorithm.eval_model())
+            return accuracy, loss, []
+        results = [self.evaluate(model) for _, model in sorted(personal.items())]
+        accuracies = [a for a, _ in results]
+        return float(np.mean(accuracies)), float(np.mean([l for _, l in results])), accuracies
+
     @torch.no_grad()
     def evaluate(self, model: ClientModel) -> tuple[float, float]:
         """Accuracy and mean cross-entropy of ``model`` on the whole test set."""
@@ -276,7 +276,7 @@ def sorted_by_length(data: Batch) -> Batch:
     return {k: v[order] for k, v in data.items()}
 
 
-def make_optimizer(cfg: TrainConfig, params: list[Tensor]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: RunConfig, params: list[Tensor]) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -289,11 +289,14 @@ def load_client_model(backbone: Backbone, model: ClientModel) -> dict[str, torch
     params: dict[str, torch.nn.Parameter] = {}
     for name, layer in backbone.lora_layers.items():
         layer.set_factors(
-            model.A[name], model.B[name], model.scale, model.offsets.get(name), model.train_A, model.train_B
+            model.A[name], model.B[name], model.scale, model.offsets.get(name), model.train_A, model.train_B,
+            R=None if model.R is None else model.R[name], train_R=model.train_R,
         )
         layer.set_base_delta(None if model.base_delta is None else model.base_delta.get(name))
         params[f"lora_A/{name}"] = layer.lora_A
         params[f"lora_B/{name}"] = layer.lora_B
+        if layer.lora_R is not None:
+            params[f"lora_R/{name}"] = layer.lora_R
     with torch.no_grad():
         for name, p in backbone.head.items():
             p.copy_(model.head[name])
@@ -312,4 +315,6 @@ def read_client_model(backbone: Backbone, template: ClientModel) -> ClientModel:
         base_delta=template.base_delta,
         train_A=template.train_A,
         train_B=template.train_B,
+        R=None if template.R is None else {n: l.lora_R.detach().clone() for n, l in backbone.lora_layers.items()},
+        train_R=template.train_R,
     )

@@ -6,7 +6,9 @@ import pytest
 import torch
 from test_baselines import RANKS, WEIGHTS, make_algo, random_uploads
 
-from ilora.algorithm import local_random_head, pad_A, unflatten
+from ilora.algorithm import unflatten
+from ilora.global_adapter import local_random_head
+from ilora.lowrank import pad_A
 
 
 def effective_delta(model, name):

@@ -9,10 +9,11 @@ from conftest import tiny_backbone, tiny_data, tiny_federation
 
 from baselines.flora import stack_modules
 from baselines.lora_fair import LoRAFAIRConfig, closed_form_correction, cosine_correction
-from ilora.algorithm import ClientModel, build_config, get_algorithm, pad_A, pad_B
-from ilora.config import resolve_config
+from ilora.algorithm import ClientModel, build_config, get_algorithm
+from ilora.lowrank import pad_A, pad_B
+from ilora.config import RunConfig, resolve_config
 from ilora.errors import ConfigError
-from ilora.simulation import Simulation, TrainConfig
+from ilora.simulation import Simulation
 
 RANKS = [2, 4, 6]
 WEIGHTS = {0: 0.2, 1: 0.3, 2: 0.5}
@@ -173,7 +174,7 @@ def test_ffa_lora_frozen_A_through_the_simulator():
     algo = get_algorithm("ffa_lora")(fed)
     A0 = {n: a.clone() for n, a in algo.A.items()}
     clients = [tiny_data(n, seed=10 + i) for i, n in enumerate([20, 30, 40])]
-    cfg = TrainConfig(rounds=2, batch_size=8, optimizer="sgd", lr=0.1, progress=False)
+    cfg = RunConfig(rounds=2, batch_size=8, optimizer="sgd", lr=0.1, progress=False)
     sim = Simulation(algo, backbone, clients, tiny_data(30, seed=99), cfg, [[0, 1, 2], [0, 1, 2]], seed=0)
     sim.run()
     assert all(torch.equal(algo.A[n], A0[n]) for n in fed.layers)

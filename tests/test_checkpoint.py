@@ -10,7 +10,8 @@ from conftest import tiny_backbone, tiny_data, tiny_federation
 
 from ilora.algorithm import available_algorithms, get_algorithm
 from ilora.checkpoint import load_checkpoint, save_checkpoint
-from ilora.simulation import Simulation, TrainConfig, client_sampling_stream
+from ilora.config import RunConfig
+from ilora.simulation import Simulation, client_sampling_stream
 
 
 def make_sim(method: str, rounds: int = 3) -> Simulation:
@@ -18,7 +19,7 @@ def make_sim(method: str, rounds: int = 3) -> Simulation:
     sizes = [20, 30, 40]
     clients = [tiny_data(n, seed=10 + i) for i, n in enumerate(sizes)]
     fed = tiny_federation(backbone, [2, 4, 6], sizes, seed=5)
-    cfg = TrainConfig(rounds=rounds, batch_size=8, optimizer="adamw", lr=0.01, progress=False)
+    cfg = RunConfig(rounds=rounds, batch_size=8, optimizer="adamw", lr=0.01, progress=False)
     algo = get_algorithm(method)(fed)
     return Simulation(algo, backbone, clients, tiny_data(50, seed=99), cfg,
                       client_sampling_stream(3, 0.67, rounds, seed=5), seed=5)

@@ -1,10 +1,9 @@
-"""Counted bytes per round against each method's formula (docs/baselines.md, docs/ilora.md; head included).
+"""Counted bytes per round against each method's registered formula (``MethodInfo.comm``, head included).
 
-Per adapted layer (``d x k``) and sampled client ``i`` of rank ``r_i``:
-FedIT, LoRA-FAIR, ILoRA: ``r_i (d + k)`` up and down; ILoRA with control variates sends the same
-shapes twice (model + control variate) both ways; FFA-LoRA: ``r_i d`` up and down; FLoRA:
-``r_i (d + k)`` up, and down the stacked modules ``(sum_j r_j)(d + k)`` of the previous round (nothing
-in round 1). Every method also sends the classification head both ways.
+Each method declares, where it registers, the elements one sampled client of rank ``r_i`` sends and
+receives per adapted ``d x k`` layer; this test sums the formula over the layers and clients, adds the
+head both ways when the method shares it, and the control variates (the trained tensors' shapes again,
+both ways) when they are on, and compares with what the simulator counted from the real messages.
 """
 
 from __future__ import annotations
@@ -13,8 +12,9 @@ import pytest
 import torch
 from conftest import tiny_backbone, tiny_data, tiny_federation
 
-from ilora.algorithm import available_algorithms, get_algorithm
-from ilora.simulation import Simulation, TrainConfig
+from ilora.algorithm import CommContext, available_algorithms, get_algorithm
+from ilora.config import RunConfig
+from ilora.simulation import Simulation
 
 RANKS = [2, 4, 6]
 SIZES = [12, 16, 20]
@@ -22,33 +22,30 @@ DTYPE = torch.float32
 
 
 def layer_sums(fed) -> tuple[int, int]:
-    """``(sum d, sum k)`` over the adapted layers: every formula is linear in ``d`` and ``k``."""
+    """``(sum d, sum k)`` over the adapted layers."""
     return sum(s.out_features for s in fed.layers.values()), sum(s.in_features for s in fed.layers.values())
 
 
 def expected_bytes(method: str, algo, fed, sampling: list[list[int]]) -> list[tuple[int, int]]:
-    """(uplink, downlink) bytes per round from the method's formula."""
-    D, K = layer_sums(fed)
-    head = sum(h.numel() for h in fed.head_init.values())
+    """(uplink, downlink) bytes per round from the method's registered formula."""
+    info = get_algorithm(method).info
+    head = sum(h.numel() for h in fed.head_init.values()) if info.shares_head else 0
     size = torch.tensor([], dtype=DTYPE).element_size()
+    cv = algo.control_variates
     rows = []
     for t, clients in enumerate(sampling):
+        previous = tuple(fed.ranks[j] for j in sampling[t - 1]) if t > 0 else ()
         up = down = 0
         for c in clients:
             r = fed.ranks[c]
-            if method in ("fedit", "lora_fair", "ilora", "ilora_s"):
-                factor = 2 if getattr(algo.config, "control_variates", False) else 1
-                up += factor * (r * (D + K) + head)
-                down += factor * (r * (D + K) + head)
-            elif method == "ffa_lora":
-                up += r * D + head
-                down += r * D + head
-            elif method == "flora":
-                stacked = sum(fed.ranks[j] for j in sampling[t - 1]) if t > 0 else 0
-                up += r * (D + K) + head
-                down += stacked * (D + K) + head
-            else:
-                pytest.fail(f"no byte formula for method {method!r}: add it here and in the docs")
+            for spec in fed.layers.values():
+                ctx = CommContext(r, spec.out_features, spec.in_features, fed.max_rank, t, previous)
+                u, d = info.comm(ctx)
+                up, down = up + u, down + d
+                if cv is not None:  # the control variates: the trained tensors' shapes, both ways
+                    extra = r * (spec.out_features * ("B" in cv.factors) + spec.in_features * ("A" in cv.factors))
+                    up, down = up + extra, down + extra
+            up, down = up + head * (2 if cv else 1), down + head * (2 if cv else 1)
         rows.append((up * size, down * size))
     return rows
 
@@ -58,7 +55,7 @@ def run(method: str, sampling: list[list[int]]):
     fed = tiny_federation(backbone, RANKS, SIZES)
     algo = get_algorithm(method)(fed)
     clients = [tiny_data(n, seed=10 + i, dtype=DTYPE) for i, n in enumerate(SIZES)]
-    cfg = TrainConfig(
+    cfg = RunConfig(
         rounds=len(sampling), local_steps=2, batch_size=8, optimizer="sgd", lr=0.05, progress=False
     )
     sim = Simulation(algo, backbone, clients, tiny_data(16, seed=99, dtype=DTYPE), cfg, sampling, seed=0)
@@ -72,6 +69,20 @@ def test_counted_bytes_follow_the_formula(method):
     assert len(records) == 2
     counted = [(r.uplink_bytes, r.downlink_bytes) for r in records]
     assert counted == expected_bytes(method, algo, fed, sampling)
+
+
+@pytest.mark.parametrize("method", ["fedit", "ffa_lora", "lora_fair"])
+def test_control_variates_on_a_baseline_add_the_trained_shapes_both_ways(method):
+    """``control_variates=true`` on any global-adapter method (e.g. SCAFFOLD-FedIT) is counted too."""
+    sampling = [[0, 1, 2], [0, 2]]
+    backbone = tiny_backbone(dtype=DTYPE)
+    fed = tiny_federation(backbone, RANKS, SIZES)
+    cls = get_algorithm(method)
+    algo = cls(fed, cls.Config(control_variates=True))
+    clients = [tiny_data(n, seed=10 + i, dtype=DTYPE) for i, n in enumerate(SIZES)]
+    cfg = RunConfig(rounds=2, local_steps=2, batch_size=8, optimizer="sgd", lr=0.05, progress=False)
+    records = Simulation(algo, backbone, clients, tiny_data(16, seed=99, dtype=DTYPE), cfg, sampling, seed=0).run()
+    assert [(r.uplink_bytes, r.downlink_bytes) for r in records] == expected_bytes(method, algo, fed, sampling)
 
 
 def test_flora_downlink_grows_with_the_number_of_clients_and_catches_up_missed_stacks():

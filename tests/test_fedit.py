@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from conftest import tiny_backbone, tiny_data, tiny_federation
 
-from ilora.algorithm import ClientModel, get_algorithm, message_bytes, pad_A, pad_B
-from ilora.simulation import Simulation, TrainConfig, client_sampling_stream
+from ilora.algorithm import ClientModel, get_algorithm, message_bytes
+from ilora.lowrank import pad_A, pad_B
+from ilora.config import RunConfig
+from ilora.simulation import Simulation, client_sampling_stream
 
 
 def random_factors(ranks, d=9, k=7, seed=0):
@@ -57,7 +59,7 @@ def run_tiny(seed: int = 0, method: str = "fedit", rounds: int = 3, participatio
     backbone = tiny_backbone(seed=0)
     clients = [tiny_data(n, seed=10 + i) for i, n in enumerate([20, 30, 40])]
     fed = tiny_federation(backbone, [2, 4, 6], [20, 30, 40], seed=seed)
-    cfg = TrainConfig(rounds=rounds, batch_size=8, optimizer="sgd", lr=0.05, progress=False)
+    cfg = RunConfig(rounds=rounds, batch_size=8, optimizer="sgd", lr=0.05, progress=False)
     sim = Simulation(get_algorithm(method)(fed), backbone, clients, tiny_data(50, seed=99), cfg,
                      client_sampling_stream(3, participation, rounds, seed), seed=seed)
     return sim.run()

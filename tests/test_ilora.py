@@ -15,22 +15,13 @@ from torch import nn
 
 from baselines.fedit import FedIT
 from ilora.algorithm import ClientModel, Federation, LayerSpec, get_algorithm
-from ilora.config import method_options, resolve_config
+from ilora.config import RunConfig, method_options, resolve_config
 from ilora.errors import ConfigError
 from ilora.lora import inject_lora
-from ilora.method import (
-    ILoRA,
-    ILoRAConfig,
-    ILoRAS,
-    ILoRASConfig,
-    concat_factors,
-    concat_qr,
-    low_rank_factors,
-    mean_column_norm,
-    split_factors,
-)
+from ilora.lowrank import concat_factors, concat_qr, low_rank_factors
+from ilora.method import ILoRA, ILoRAConfig, ILoRAS, ILoRASConfig, mean_column_norm, split_factors
 from ilora.models import Backbone, FrozenBackboneModule, head_parameters
-from ilora.simulation import Simulation, TrainConfig, load_client_model
+from ilora.simulation import Simulation, load_client_model
 
 F64 = torch.float64
 
@@ -315,12 +306,12 @@ def test_control_variate_shapes_padding_and_cutting():
     _, grads, corr = cv_round(algo, [0, 1, 2], seed=0)
     assert all(float(t.abs().max()) == 0.0 for c in corr.values() for t in c.values())  # c = c_i = 0
     # server c = (1/N) sum of zero-padded dc_i = (1/N) sum pad(g_i) in round 1
-    assert algo.c["lora_A/l1"].shape == (5, 12) and algo.c["lora_B/l2"].shape == (8, 5)
+    assert algo.control_variates.c["lora_A/l1"].shape == (5, 12) and algo.control_variates.c["lora_B/l2"].shape == (8, 5)
     zeros = lambda r: torch.zeros(5 - r, 12, dtype=F64)  # noqa: E731
     expected = sum(torch.cat([grads[c]["lora_A/l1"], zeros(r)]) for c, r in enumerate(ranks))
-    assert torch.allclose(algo.c["lora_A/l1"], expected / 3, atol=1e-15)
-    assert torch.allclose(algo.c["lora_A/l1"][3:], grads[2]["lora_A/l1"][3:] / 3, atol=1e-15)  # rank-5 only
-    assert torch.allclose(algo.c["head/head.bias"], sum(grads[c]["head/head.bias"] for c in range(3)) / 3)
+    assert torch.allclose(algo.control_variates.c["lora_A/l1"], expected / 3, atol=1e-15)
+    assert torch.allclose(algo.control_variates.c["lora_A/l1"][3:], grads[2]["lora_A/l1"][3:] / 3, atol=1e-15)  # rank-5 only
+    assert torch.allclose(algo.control_variates.c["head/head.bias"], sum(grads[c]["head/head.bias"] for c in range(3)) / 3)
     # round 2: each client's correction is c cut to its rank minus its own c_i
     _, _, corr = cv_round(algo, [0, 1, 2], seed=50)
     for c, r in enumerate(ranks):
@@ -333,8 +324,8 @@ def test_server_control_variate_divides_by_all_clients_under_partial_participati
     _, _, fed, _, _ = tiny([2, 3, 5])
     algo = ILoRAS(fed)
     uploads, grads, _ = cv_round(algo, [1], seed=4)
-    assert torch.allclose(algo.c["lora_B/l1"][:, :3], grads[1]["lora_B/l1"] / 3, atol=1e-15)
-    assert torch.count_nonzero(algo.c["lora_B/l1"][:, 3:]) == 0
+    assert torch.allclose(algo.control_variates.c["lora_B/l1"][:, :3], grads[1]["lora_B/l1"] / 3, atol=1e-15)
+    assert torch.count_nonzero(algo.control_variates.c["lora_B/l1"][:, 3:]) == 0
     assert torch.equal(uploads[1]["cv/lora_B/l1"], grads[1]["lora_B/l1"])  # dc_i = c_i_new - 0
 
 
@@ -360,7 +351,7 @@ class Recording(ILoRAS):
 
     def gradient_correction(self, cid):
         self.corr[cid] = super().gradient_correction(cid)
-        self.grad[cid] = self._c_new[cid]
+        self.grad[cid] = self.control_variates.pending[cid]
         return self.corr[cid]
 
     def upload(self, cid, trained):
@@ -375,7 +366,7 @@ def test_correction_enters_the_gradient_before_the_optimiser(optimizer):
     _, backbone, fed, data, test = tiny(ranks)
     algo = Recording(fed, ILoRASConfig(cv_estimator="scaffold"))  # c_i_new: the full-batch gradient
     lr = 0.05
-    cfg = TrainConfig(rounds=2, local_steps=1, batch_size=64, optimizer=optimizer, lr=lr, progress=False)
+    cfg = RunConfig(rounds=2, local_steps=1, batch_size=64, optimizer=optimizer, lr=lr, progress=False)
     Simulation(algo, backbone, data, test, cfg, sampling=[[0, 1], [0, 1]], seed=0).run()
     adam = lambda u: u / (u.abs() + 1e-8)  # noqa: E731  (the first AdamW step direction)
     for cid in (0, 1):  # round 2: the correction is non-zero
@@ -394,7 +385,7 @@ def test_correction_enters_the_gradient_before_the_optimiser(optimizer):
 def test_runs_in_the_simulator_and_counts_control_variates_on_the_wire(method):
     _, backbone, fed, data, test = tiny([2, 3, 5])
     algo = get_algorithm(method)(fed)
-    cfg = TrainConfig(rounds=3, local_steps=2, batch_size=8, optimizer="sgd", lr=0.05, progress=False)
+    cfg = RunConfig(rounds=3, local_steps=2, batch_size=8, optimizer="sgd", lr=0.05, progress=False)
     records = Simulation(algo, backbone, data, test, cfg, sampling=[[0, 1, 2]] * 3, seed=0).run()
     assert len(records) == 3 and all(torch.isfinite(torch.tensor(r.loss)) for r in records)
     lora = 8 * sum(r * (10 + 12) + r * (8 + 10) for r in (2, 3, 5))  # float64 factors, both layers
@@ -421,10 +412,10 @@ def test_registered_names_and_defaults():
 @pytest.mark.parametrize(
     "switches,expected",
     [
-        (["init=standard", "aggregate=fedavg", "control_variates=false"], ("standard", "fedavg", False)),
-        (["init=qr", "aggregate=fedavg", "control_variates=false"], ("qr", "fedavg", False)),
+        (["method_args.init=standard", "method_args.aggregate=fedavg"], ("standard", "fedavg", False)),
+        (["method_args.init=qr", "method_args.aggregate=fedavg"], ("qr", "fedavg", False)),
         ([], ("qr", "concat_qr", False)),
-        (["control_variates=true"], ("qr", "concat_qr", True)),
+        (["method_args.control_variates=true"], ("qr", "concat_qr", True)),
     ],
 )
 def test_component_ablation_is_four_configs_of_one_method(switches, expected):
@@ -442,8 +433,9 @@ def test_method_args_and_ilora_s_config():
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("init=orthogonal", "valid: standard, qr"),
-        ("aggregate=mean", "valid: fedavg, concat_qr"),
+        ("method_args.init=orthogonal", "valid: standard, qr"),
+        ("method_args.aggregate=mean", "valid: fedavg, concat_qr"),
+        ("method_args.control_variates=maybe", "control_variates must be true or false"),
         ("method_args.qr_mode=rrqr", "valid: householder, pivoted, svd"),
         ("method_args.offset=none", "valid: code, exact"),
         ("method_args.cv_estimator=exact", "valid: code, scaffold"),
@@ -500,7 +492,7 @@ def test_code_cv_estimator_is_the_batch_mean_sum_over_n_in_eval_mode():
     """With equal batches, the authors' c_i is the mean gradient / batch size; dropout is off for it."""
     ranks = [3]
     _, backbone, fed, data, test = tiny(ranks, dropout=0.5, sizes=[24])
-    cfg = TrainConfig(rounds=1, local_steps=1, batch_size=8, progress=False)
+    cfg = RunConfig(rounds=1, local_steps=1, batch_size=8, progress=False)
     sim = Simulation(ILoRA(fed), backbone, data, test, cfg, sampling=[[0]], seed=0)
     params = load_client_model(backbone, ILoRA(fed).download(0)[1])
     backbone.module.eval()
@@ -539,7 +531,7 @@ def test_backbone_dropout_switch_keeps_batchnorm_frozen(backbone_dropout):
 def test_first_step_update_is_recorded_and_equals_the_dense_change():
     ranks = [2, 4]
     _, backbone, fed, data, test = tiny(ranks)
-    cfg = TrainConfig(rounds=2, local_steps=2, batch_size=8, optimizer="sgd", lr=0.1, progress=False)
+    cfg = RunConfig(rounds=2, local_steps=2, batch_size=8, optimizer="sgd", lr=0.1, progress=False)
     sim = Simulation(ILoRA(fed), backbone, data, test, cfg, sampling=[[0, 1], [0, 1]], seed=0)
     before = sim._factors()
     for layer in backbone.lora_layers.values():

@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from ilora.benchmark import expand, load_benchmark
 from ilora.report import build_table, collect, ranking, report, to_latex, to_markdown
 from ilora.runner import write_record
-from ilora.sweep import expand, load_benchmark
 
 BENCH = """
 name: synth

@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
+from ilora.benchmark import available_benchmarks, expand, load_benchmark, plan, resolve_benchmarks
 from ilora.config import RunConfig
 from ilora.errors import ConfigError
 from ilora.runner import run_id_for, write_record
-from ilora.sweep import available_benchmarks, expand, load_benchmark, pending, plan, resolve_benchmarks, run_sweep
+from ilora.sweep import pending, run_sweep
 
 BENCH = """
 name: tiny

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ilora.method import concat_factors, concat_qr
+from ilora.lowrank import concat_factors, concat_qr
 
 ROOT = Path(__file__).resolve().parents[2]
 

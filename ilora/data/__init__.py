@@ -2,68 +2,26 @@
 
 A dataset loader returns a ``RawDataset``: train and test ``Split``s of raw inputs (texts, or uint8
 images ``N x H x W [x C]``) and integer labels. Turning raw inputs into tensors is the backbone's job
-(its tokenizer or image transform), so any model can be paired with any dataset of its kind.
+(its tokenizer or image transform), so any model can be paired with any dataset of its kind. The
+types and the registry live in ``ilora.data.base``; the built-in loaders (``hub``, ``offline``) are
+imported on first use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
-
 import numpy as np
 
+from ilora.data.base import (  # noqa: F401  (re-exported)
+    DATASETS,
+    DataOptions,
+    Loader,
+    RawDataset,
+    Split,
+    register_dataset,
+    stratified_split,
+    subsample,
+)
 from ilora.errors import ConfigError
-
-
-@dataclass
-class Split:
-    inputs: Any  # list[str] for text, np.ndarray (uint8 images) for vision
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, idx: np.ndarray) -> Split:
-        inputs = [self.inputs[i] for i in idx] if isinstance(self.inputs, list) else self.inputs[idx]
-        return Split(inputs, self.labels[idx])
-
-
-@dataclass
-class RawDataset:
-    name: str
-    kind: Literal["text", "image"]
-    train: Split
-    test: Split
-    class_names: list[str] = field(default_factory=list)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
-@dataclass
-class DataOptions:
-    """What a loader may use besides its name."""
-
-    split_seed: int = 0  # fixes held-out test splits and subsamples, independently of the run seed
-    max_train_samples: int | None = None
-    max_test_samples: int | None = None
-    data_dir: str | None = None
-
-
-Loader = Callable[[DataOptions], RawDataset]
-_DATASETS: dict[str, tuple[Loader, str, bool]] = {}
-
-
-def register_dataset(name: str, kind: str, offline: bool) -> Callable[[Loader], Loader]:
-    """Register a loader; ``offline`` says whether it runs without network (registry packages)."""
-
-    def wrap(fn: Loader) -> Loader:
-        _DATASETS[name] = (fn, kind, offline)
-        return fn
-
-    return wrap
 
 
 def _load_builtin() -> None:
@@ -73,46 +31,24 @@ def _load_builtin() -> None:
 def available_datasets() -> dict[str, tuple[str, bool]]:
     """Name -> (kind, runs offline)."""
     _load_builtin()
-    return {n: (k, off) for n, (_, k, off) in sorted(_DATASETS.items())}
+    return {n: (k, off) for n, (_, k, off) in sorted(DATASETS.items())}
 
 
 def dataset_kind(name: str) -> str:
     _load_builtin()
-    if name not in _DATASETS:
-        raise ConfigError(f"unknown dataset {name!r} (valid: {', '.join(sorted(_DATASETS))})")
-    return _DATASETS[name][1]
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r} (valid: {', '.join(sorted(DATASETS))})")
+    return DATASETS[name][1]
 
 
 def load_dataset(name: str, options: DataOptions | None = None) -> RawDataset:
     """Load a registered dataset, then subsample it (stratified, seeded) if asked."""
     dataset_kind(name)
     options = options or DataOptions()
-    data = _DATASETS[name][0](options)
+    data = DATASETS[name][0](options)
     rng = np.random.default_rng(options.split_seed)
-    data.train = _subsample(data.train, options.max_train_samples, rng)
-    data.test = _subsample(data.test, options.max_test_samples, rng)
+    data.train = subsample(data.train, options.max_train_samples, rng)
+    data.test = subsample(data.test, options.max_test_samples, rng)
     return data
 
 
-def _subsample(split: Split, n: int | None, rng: np.random.Generator) -> Split:
-    if n is None or n >= len(split):
-        return split
-    idx, _ = stratified_split(split.labels, n, rng)
-    return split.subset(np.sort(idx))
-
-
-def stratified_split(
-    labels: np.ndarray, n_first: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of a stratified ``n_first`` / rest split (class shares kept, remainders by rank)."""
-    classes, counts = np.unique(labels, return_counts=True)
-    exact = counts * n_first / len(labels)
-    take = np.floor(exact).astype(int)
-    remainder = n_first - take.sum()
-    take[np.argsort(-(exact - take), kind="stable")[:remainder]] += 1
-    first, rest = [], []
-    for c, k in zip(classes, take):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        first.append(idx[:k])
-        rest.append(idx[k:])
-    return np.concatenate(first), np.concatenate(rest)

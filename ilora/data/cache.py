@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ilora.data import Split
+from ilora.data.base import Split
 
 # Bump when the layout of cached files changes.
 CACHE_VERSION = 1

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ilora.data import DataOptions, RawDataset, Split, register_dataset, stratified_split
+from ilora.data.base import DataOptions, RawDataset, Split, register_dataset, stratified_split
 from ilora.errors import DataUnavailable
 
 TextFn = Callable[[dict[str, list[Any]]], list[Any]]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ilora.data import DataOptions, RawDataset, Split, register_dataset, stratified_split
+from ilora.data.base import DataOptions, RawDataset, Split, register_dataset, stratified_split
 from ilora.errors import DataUnavailable
 
 

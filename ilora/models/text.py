@@ -8,10 +8,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ilora.data import Split
+from ilora.data.base import Split
 from ilora.errors import DataUnavailable
 from ilora.lora import inject_lora
-from ilora.models import (
+from ilora.models.base import (
     Backbone,
     Batch,
     FrozenBackboneModule,

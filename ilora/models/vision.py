@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ilora.data import Split
+from ilora.data.base import Split
 from ilora.errors import ConfigError, DataUnavailable
 from ilora.lora import inject_conv1x1_lora, inject_lora, inject_qkv_lora
-from ilora.models import (
+from ilora.models.base import (
     Backbone,
     Batch,
     FrozenBackboneModule,

@@ -1,0 +1,276 @@
+"""Benchmarks as data: expand a benchmark's grid into resolved runs, run the missing ones, resume.
+
+A benchmark is one YAML under ``benchmarks/`` (one per paper table or figure)::
+
+    name: nlp_dir05
+    title: Text classification, Dirichlet alpha = 0.5
+    table: {rows: [method], columns: [dataset], average: true}
+    plots: [rounds, communication]
+    presets:
+      cpu:
+        base: {model: minilm, dirichlet_alpha: 0.5, max_train_samples: 300}
+        grid:
+          dataset: [bbc_news, tweets]                  # a list: the axis is a config key
+          method: [fedit, ilora]
+          seed: [42]
+      ...
+    known:                                             # the paper's reported numbers (percent)
+      - {preset: paper, cell: {method: ilora, dataset: average}, value: 85.02}
+
+An axis given as a mapping names each value with a label and the overrides it stands for, e.g.
+``optimizer: {sgd: {optimizer: sgd, lr: 0.01}, adamw: {optimizer: adamw, lr: 1.0e-4}}``. The axis
+``seed`` is the one the report averages over. ``method: all`` stands for every registered method and
+``method: <group>`` (or a group's name in the list) for a group's methods (``ilora list`` shows them).
+
+Each grid point becomes a ``RunConfig`` through ``resolve_config`` (the benchmark preset's
+``configs/preset/<preset>.yaml``, then ``base``, then the axis overrides, then the command line's
+``key=value`` overrides). Its run id is keyed by the resolved config, so a run is skipped when its
+``result.json`` exists; runs shared by several benchmarks run once.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ilora.config import PUBLIC_KEYS, RunConfig, available_presets, resolve_config
+from ilora.errors import ConfigError
+
+BENCHMARK_ROOT = Path(__file__).resolve().parent.parent / "benchmarks"
+SWEEP_PRESETS = ("paper", "cpu", "smoke")
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One grid dimension: ordered labels, each with the config overrides it stands for."""
+
+    name: str
+    values: dict[str, dict[str, Any]]
+
+
+@dataclass
+class Benchmark:
+    name: str
+    title: str
+    description: str
+    rows: list[str]
+    columns: list[str]
+    average: bool
+    plots: list[str]
+    presets: dict[str, dict[str, Any]]
+    known: list[dict[str, Any]]
+    path: Path
+    x_axis: str | None = None  # the column axis plotted on x (e.g. dirichlet_alpha), if any
+    reference: str | None = None  # the row label of the paired differences (default: fedit, if present)
+    extra: list[str] = field(default_factory=list)  # per-run metrics shown next to accuracy (report.EXTRA_METRICS)
+    in_all: bool = True  # part of ``all`` (``make reproduce-tables``); false: run by name only
+
+    def axes(self, preset: str) -> list[Axis]:
+        if preset not in self.presets:
+            raise ConfigError(
+                f"benchmark {self.name!r} has no preset {preset!r} (valid: {', '.join(self.presets)})"
+            )
+        grid = (self.presets[preset] or {}).get("grid") or {}
+        return [_axis(self.name, name, spec) for name, spec in grid.items()]
+
+    def base(self, preset: str) -> dict[str, Any]:
+        self.axes(preset)  # validates the preset name
+        return dict(self.presets[preset].get("base") or {})
+
+    def runs_at(self, preset: str) -> bool:
+        """Whether ``preset`` has a grid (a preset may only say what it ``dropped``)."""
+        self.axes(preset)
+        return bool(self.presets[preset].get("grid"))
+
+    def known_for(self, preset: str) -> list[dict[str, Any]]:
+        return [k for k in self.known if k.get("preset", "paper") == preset]
+
+
+@dataclass
+class PlannedRun:
+    """One grid point: its labels (axis -> label), resolved config and run id."""
+
+    benchmark: str
+    labels: dict[str, str]
+    config: RunConfig
+    run_id: str
+
+    @property
+    def cell(self) -> dict[str, str]:
+        return {k: v for k, v in self.labels.items() if k != "seed"}
+
+    @property
+    def result_path(self) -> Path:
+        return Path(self.config.out_dir) / self.run_id / "result.json"
+
+
+def _methods(bench: str, spec: Any) -> Any:
+    """A ``method`` axis with method groups (``all``, ``paper``, ``extended``...) expanded to their methods."""
+    from ilora.algorithm import method_groups
+
+    groups = method_groups()
+    items = [spec] if isinstance(spec, str) else spec
+    if not isinstance(items, list):
+        return spec
+    out: list[Any] = []
+    for item in items:
+        for method in groups.get(item, [item]) if isinstance(item, str) else [item]:
+            if method not in out:
+                out.append(method)
+    if isinstance(spec, str) and spec not in groups:
+        raise ConfigError(f"benchmark {bench}: unknown method group {spec!r} (valid: {', '.join(groups)})")
+    return out
+
+
+def _axis(bench: str, name: str, spec: Any) -> Axis:
+    if name == "method":
+        spec = _methods(bench, spec)
+    if isinstance(spec, dict):
+        values = {}
+        for label, overrides in spec.items():
+            if not isinstance(overrides, dict):
+                raise ConfigError(f"benchmark {bench}: axis {name!r} label {label!r} must map to overrides")
+            values[str(label)] = dict(overrides)
+        return Axis(name, values)
+    if isinstance(spec, list) and spec:
+        if name not in PUBLIC_KEYS:
+            raise ConfigError(
+                f"benchmark {bench}: axis {name!r} is not a config key; give it as a mapping "
+                f"label -> overrides (config keys: {', '.join(PUBLIC_KEYS)})"
+            )
+        return Axis(name, {_label(v): {name: v} for v in spec})
+    raise ConfigError(f"benchmark {bench}: axis {name!r} must be a non-empty list or a mapping")
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def available_benchmarks(root: Path | None = None) -> list[str]:
+    return sorted(p.stem for p in (root or BENCHMARK_ROOT).glob("*.yaml"))
+
+
+def load_benchmark(name: str, root: Path | None = None) -> Benchmark:
+    """A benchmark by name (``benchmarks/<name>.yaml``) or by path to a YAML file."""
+    root = root or BENCHMARK_ROOT
+    path = Path(name) if name.endswith((".yaml", ".yml")) else root / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown benchmark {name!r} (valid: {', '.join(available_benchmarks(root))})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"benchmark {path}: cannot parse: {exc}".splitlines()[0]) from None
+    if not isinstance(data, dict) or "presets" not in data:
+        raise ConfigError(f"benchmark {path}: must be a mapping with a 'presets' section")
+    table = data.get("table") or {}
+    bench = Benchmark(
+        name=str(data.get("name", path.stem)),
+        title=str(data.get("title", path.stem)),
+        description=str(data.get("description", "")).strip(),
+        rows=list(table.get("rows", ["method"])),
+        columns=list(table.get("columns", [])),
+        average=bool(table.get("average", False)),
+        plots=list(data.get("plots", ["rounds", "communication"])),
+        presets=dict(data["presets"]),
+        known=list(data.get("known") or []),
+        path=path,
+        x_axis=table.get("x_axis"),
+        reference=table.get("reference"),
+        extra=list(table.get("extra") or []),
+        in_all=bool(data.get("in_all", True)),
+    )
+    for preset in bench.presets:
+        if not bench.runs_at(preset):
+            continue
+        axes = {a.name for a in bench.axes(preset)}
+        missing = [a for a in bench.rows + bench.columns if a not in axes]
+        if missing:
+            raise ConfigError(f"benchmark {bench.name}: preset {preset!r} has no grid axis {missing[0]!r}")
+    return bench
+
+
+def resolve_benchmarks(names: list[str], root: Path | None = None) -> list[Benchmark]:
+    """Benchmarks by name; ``all`` (or nothing) stands for every benchmark under ``benchmarks/`` that does
+    not say ``in_all: false`` (studies run by name, e.g. the audit of the authors' baselines)."""
+    names = names or ["all"]
+    benches = []
+    for name in names:
+        if name == "all":
+            benches += [b for b in (load_benchmark(n, root) for n in available_benchmarks(root)) if b.in_all]
+        else:
+            benches.append(load_benchmark(name, root))
+    return list({b.name: b for b in benches}.values())  # each once, first mention's order
+
+
+def _dotlist(overrides: dict[str, Any]) -> list[str]:
+    out = []
+    for key, value in overrides.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        out.append(f"{key}={text}")
+    return out
+
+
+def default_out_dir(preset: str) -> str:
+    return os.path.join("runs", preset)
+
+
+def expand(
+    bench: Benchmark, preset: str, overrides: list[str] | None = None, out_dir: str | None = None
+) -> list[PlannedRun]:
+    """Every grid point of ``bench`` under ``preset`` as a resolved, validated run (none without a grid)."""
+    if not bench.runs_at(preset):
+        return []
+    axes = bench.axes(preset)
+    base = bench.base(preset)
+    config_preset = base.pop("preset", preset if preset in available_presets() else "cpu")
+    from ilora.runner import run_id_for
+
+    out = out_dir or default_out_dir(preset)
+    runs = []
+    for combo in itertools.product(*(list(a.values.items()) for a in axes)):
+        labels = {a.name: label for a, (label, _) in zip(axes, combo)}
+        merged: dict[str, Any] = dict(base)
+        for _, values in combo:
+            merged.update(values)
+        cell = "/".join(f"{k}={v}" for k, v in labels.items() if k not in ("seed", "method"))
+        group = f"{bench.name}/{cell}" if cell else bench.name
+        fixed = {"preset": config_preset, "progress": False, "wandb_group": group}
+        cfg = _resolve(tuple(_dotlist(fixed) + _dotlist(merged) + list(overrides or []) + [f"out_dir={out}"]))
+        runs.append(PlannedRun(bench.name, labels, cfg, run_id_for(cfg)))
+    return runs
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolve(overrides: tuple[str, ...]) -> RunConfig:
+    """``resolve_config``, memoised: a report expands the same grids several times."""
+    return resolve_config(list(overrides))
+
+
+def plan(
+    benches: list[Benchmark], preset: str, overrides: list[str] | None = None, out_dir: str | None = None
+) -> list[PlannedRun]:
+    """All runs of several benchmarks, each distinct run once (first benchmark wins)."""
+    seen: set[str] = set()
+    runs = []
+    for bench in benches:
+        for run in expand(bench, preset, overrides, out_dir):
+            if run.run_id not in seen:
+                seen.add(run.run_id)
+                runs.append(run)
+    return runs
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
