@@ -404,6 +404,15 @@ class Algorithm:
         if self.control_variates is not None:
             self.control_variates.local_start(cid, full_gradient)
 
+    def initialize(self, weight_gradient: Callable[[int], dict[str, Tensor]]) -> None:
+        """Called once before round 1 (not on resume). ``weight_gradient(n)``: the gradient of the mean
+        loss over ``n`` training examples (spread evenly over the clients) with respect to every adapted
+        dense weight at ``W0``, for methods whose initialisation needs it (Fed-SB)."""
+
+    def local_loss(self, cid: int, params: Mapping[str, Tensor]) -> Tensor | None:
+        """A term added to client ``cid``'s training loss at every step (flat-named parameters); ``None``: none."""
+        return None
+
     def gradient_correction(self, cid: int) -> Gradients | None:
         """Tensors added to the gradients (flat names) before every optimiser step; ``None``: none.
 

@@ -30,6 +30,13 @@ def pad_B(B: Tensor, rank: int) -> Tensor:
     return torch.cat([B, B.new_zeros(B.shape[0], rank - B.shape[1])], dim=1)
 
 
+def pad_square(R: Tensor, rank: int) -> Tensor:
+    """``R`` (``r x r``) in the top-left corner of a ``rank x rank`` zero matrix."""
+    out = R.new_zeros(rank, rank)
+    out[: R.shape[0], : R.shape[1]] = R
+    return out
+
+
 def pad_flat(name: str, t: Tensor, rank: int) -> Tensor:
     """Zero-pad a flat-named tensor to ``rank`` (rows of ``lora_A``, columns of ``lora_B``)."""
     if name.startswith("lora_A/"):

@@ -75,6 +75,8 @@ class Simulation:
         records = []
         algo = self.algorithm
         sizes = [len(d["labels"]) for d in self.client_data]
+        if start_round == 0:
+            algo.initialize(self.weight_gradient)
         rounds = tqdm(range(start_round, self.config.rounds), desc="rounds", disable=not self.config.progress)
         for t in rounds:
             wall0 = self._now()
@@ -138,7 +140,8 @@ class Simulation:
             t0 = self._now()
             with self._autocast():
                 loss = F.cross_entropy(self.backbone(batch).float(), batch["labels"])
-            loss.backward()
+            penalty = algo.local_loss(cid, params)
+            (loss if penalty is None else loss + penalty).backward()
             if correction is not None:
                 for name, c in correction.items():
                     if params[name].grad is not None:
@@ -198,6 +201,34 @@ class Simulation:
         for p in params.values():
             p.grad = None
         module.train()
+        return grads
+
+    def weight_gradient(self, examples: int) -> dict[str, Tensor]:
+        """``dL/dW`` at ``W0`` for every adapted layer (``d x k``), ``L`` the mean loss over ``examples``
+        training examples: the first ``ceil(examples / N)`` of each of the ``N`` clients, model in eval mode.
+
+        Computed through the LoRA path: with ``A = I_k``, ``B = 0`` and scale 1 the layer is ``W0`` and
+        the gradient of ``B`` is the gradient of ``W``; so every layer type (linear, 1x1 conv, fused qkv
+        slice) is covered without touching the frozen weights.
+        """
+        per_client = -(-examples // len(self.client_data))
+        chunks = [{k: v[:per_client] for k, v in d.items()} for d in self.client_data]
+        total = sum(len(c["labels"]) for c in chunks)
+        fed_layers = self.backbone.lora_layers
+        dtype = next(iter(self.backbone.head.values())).dtype
+        A = {n: torch.eye(l.in_features, device=self.device, dtype=dtype) for n, l in fed_layers.items()}
+        B = {n: torch.zeros(l.out_features, l.in_features, device=self.device, dtype=dtype)
+             for n, l in fed_layers.items()}
+        head = {n: p.detach().clone() for n, p in self.backbone.head.items()}
+        params = self.load(ClientModel(A=A, B=B, head=head, scale=1.0, train_A=False))
+        self.backbone.module.eval()
+        for chunk in chunks:
+            for batch in self._batches(chunk, self.config.batch_size, None, 1, None):
+                with self._autocast():
+                    loss = F.cross_entropy(self.backbone(batch).float(), batch["labels"], reduction="sum") / total
+                loss.backward()
+        grads = {n: params[f"lora_B/{n}"].grad.detach().clone() for n in fed_layers}
+        self.backbone.module.train()
         return grads
 
     # ---------------------------------------------------------------------------- evaluation

@@ -10,9 +10,9 @@ from conftest import tiny_backbone, tiny_data, tiny_federation
 from baselines.flora import stack_modules
 from baselines.lora_fair import LoRAFAIRConfig, closed_form_correction, cosine_correction
 from ilora.algorithm import ClientModel, build_config, get_algorithm
-from ilora.lowrank import pad_A, pad_B
 from ilora.config import RunConfig, resolve_config
 from ilora.errors import ConfigError
+from ilora.lowrank import pad_A, pad_B
 from ilora.simulation import Simulation
 
 RANKS = [2, 4, 6]

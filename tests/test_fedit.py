@@ -6,8 +6,8 @@ import torch
 from conftest import tiny_backbone, tiny_data, tiny_federation
 
 from ilora.algorithm import ClientModel, get_algorithm, message_bytes
-from ilora.lowrank import pad_A, pad_B
 from ilora.config import RunConfig
+from ilora.lowrank import pad_A, pad_B
 from ilora.simulation import Simulation, client_sampling_stream
 
 

@@ -304,14 +304,15 @@ def test_control_variate_shapes_padding_and_cutting():
     msg, _ = algo.download(0)
     assert msg["cv/lora_A/l1"].shape == (2, 12) and msg["cv/lora_B/l1"].shape == (10, 2)
     _, grads, corr = cv_round(algo, [0, 1, 2], seed=0)
+    cv = algo.control_variates
     assert all(float(t.abs().max()) == 0.0 for c in corr.values() for t in c.values())  # c = c_i = 0
     # server c = (1/N) sum of zero-padded dc_i = (1/N) sum pad(g_i) in round 1
-    assert algo.control_variates.c["lora_A/l1"].shape == (5, 12) and algo.control_variates.c["lora_B/l2"].shape == (8, 5)
+    assert cv.c["lora_A/l1"].shape == (5, 12) and cv.c["lora_B/l2"].shape == (8, 5)
     zeros = lambda r: torch.zeros(5 - r, 12, dtype=F64)  # noqa: E731
     expected = sum(torch.cat([grads[c]["lora_A/l1"], zeros(r)]) for c, r in enumerate(ranks))
-    assert torch.allclose(algo.control_variates.c["lora_A/l1"], expected / 3, atol=1e-15)
-    assert torch.allclose(algo.control_variates.c["lora_A/l1"][3:], grads[2]["lora_A/l1"][3:] / 3, atol=1e-15)  # rank-5 only
-    assert torch.allclose(algo.control_variates.c["head/head.bias"], sum(grads[c]["head/head.bias"] for c in range(3)) / 3)
+    assert torch.allclose(cv.c["lora_A/l1"], expected / 3, atol=1e-15)
+    assert torch.allclose(cv.c["lora_A/l1"][3:], grads[2]["lora_A/l1"][3:] / 3, atol=1e-15)  # rank-5 only
+    assert torch.allclose(cv.c["head/head.bias"], sum(grads[c]["head/head.bias"] for c in range(3)) / 3)
     # round 2: each client's correction is c cut to its rank minus its own c_i
     _, _, corr = cv_round(algo, [0, 1, 2], seed=50)
     for c, r in enumerate(ranks):
@@ -324,8 +325,9 @@ def test_server_control_variate_divides_by_all_clients_under_partial_participati
     _, _, fed, _, _ = tiny([2, 3, 5])
     algo = ILoRAS(fed)
     uploads, grads, _ = cv_round(algo, [1], seed=4)
-    assert torch.allclose(algo.control_variates.c["lora_B/l1"][:, :3], grads[1]["lora_B/l1"] / 3, atol=1e-15)
-    assert torch.count_nonzero(algo.control_variates.c["lora_B/l1"][:, 3:]) == 0
+    cv = algo.control_variates
+    assert torch.allclose(cv.c["lora_B/l1"][:, :3], grads[1]["lora_B/l1"] / 3, atol=1e-15)
+    assert torch.count_nonzero(cv.c["lora_B/l1"][:, 3:]) == 0
     assert torch.equal(uploads[1]["cv/lora_B/l1"], grads[1]["lora_B/l1"])  # dc_i = c_i_new - 0
 
 
