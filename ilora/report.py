@@ -22,15 +22,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ilora.algorithm import display_name
+from ilora.algorithm import available_algorithms, display_name, get_algorithm
 from ilora.benchmark import Benchmark, PlannedRun, expand, read_record
 
 AVERAGE = "average"
 
 
+PERSONALISED_MARK = " †"
+PERSONALISED_NOTE = ("† personalised method: no global model; its cell is the mean over clients of each client's own "
+                     "model's accuracy on the same test set, not comparable one-to-one with a global model's.")
+
+
+def personalised(label: str) -> bool:
+    """Whether ``label`` names a registered method that is evaluated per client (e.g. FedSA-LoRA)."""
+    return label in available_algorithms() and get_algorithm(label).info.personalised
+
+
 def display(label: str) -> str:
-    """A row label as shown: a method's registered display name, other labels as they are."""
-    return display_name(label)
+    """A row label as shown: a method's registered display name (marked if personalised), others as they are."""
+    return display_name(label) + (PERSONALISED_MARK if personalised(label) else "")
 
 
 # -------------------------------------------------------------------------------------- collecting
@@ -246,6 +256,7 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
                 "comm_mb": float(good["comm_mb"].mean()) if not good.empty else math.nan,
                 "up_mb": float(good["up_mb"].mean()) if not good.empty else math.nan,
                 "down_mb": float(good["down_mb"].mean()) if not good.empty else math.nan,
+                "personalised": personalised(rl[method_axis]) if method_axis else False,
                 "statuses": ";".join(statuses[(r, col)]),
                 "run_ids": ";".join(sub["run_id"]) if not sub.empty else "",
             })
@@ -279,6 +290,8 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
             vals.append(f"{sub['comm_mb'].mean():.3f}" if not sub.empty else "")
         out[name] = vals
     notes = [f"{k.get('note')}" for k in known if k.get("note")]
+    if method_axis is not None and any(personalised(rl[method_axis]) for rl in row_keys):
+        notes.append(PERSONALISED_NOTE)
     dropped = bench.presets[preset].get("dropped")
     if dropped:
         notes.append(f"Cells of the paper's grid not run at this preset: {dropped}.")

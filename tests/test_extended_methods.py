@@ -219,3 +219,72 @@ def test_fed_sb_initialises_from_the_simulators_weight_gradient(tiny):
     torch.nn.functional.cross_entropy(logits, y).backward()
     torch.testing.assert_close(grads["proj"], W.grad, rtol=1e-6, atol=1e-8)  # the loss is taken in float32
     assert fed.num_clients == 2
+
+
+# ------------------------------------------------------------------------------------------- options and evaluation
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("method_args.lam=abc", "lam must be a finite number"),
+        ("method_args.prune=1", "prune must be true or false"),
+        ("method_args.min_rank=0", "min_rank must be at least 1"),
+        ("method_args.gamma=1.5", "gamma must be in"),
+    ],
+)
+def test_options_are_checked_against_their_types(override, message):
+    from ilora.config import resolve_config
+    from ilora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(["method=hetlora", override])
+
+
+def test_control_variates_only_where_a_method_offers_them():
+    from ilora.config import resolve_config
+    from ilora.errors import ConfigError
+
+    assert resolve_config(["method=fedit", "method_args.control_variates=true"]).method_args["control_variates"]
+    with pytest.raises(ConfigError, match="no option 'control_variates'"):
+        resolve_config(["method=flora", "method_args.control_variates=true"])
+
+
+def test_scaffold_fedit_server_variate_is_the_mean_of_the_clients_gradients():
+    """SCAFFOLD on FedIT: the component ILoRA-S uses, with the true mean gradient (``scaffold``)."""
+    algo, fed = make_algo("fedit", control_variates=True)
+    assert algo.control_variates.estimator == "scaffold"
+
+    def one_round(seed):
+        grads, corrections, uploads = {}, {}, {}
+        for cid in range(3):
+            msg, model = algo.download(cid)
+            assert msg["cv/lora_A/proj"].shape[0] == RANKS[cid]
+            grads[cid] = {k: rand(*v.shape, seed=seed + 7 * cid + i) for i, (k, v) in enumerate(model.flat().items())}
+            algo.on_local_start(cid, lambda g=grads[cid], **how: g)
+            corrections[cid] = algo.gradient_correction(cid)
+            uploads[cid] = algo.upload(cid, model)
+        algo.aggregate(uploads, WEIGHTS)
+        return grads, corrections
+
+    grads, corrections = one_round(0)
+    assert all(float(t.abs().max()) == 0 for c in corrections.values() for t in c.values())
+    expected = sum(pad_A(grads[c]["lora_A/proj"], 6) for c in range(3)) / 3
+    torch.testing.assert_close(algo.control_variates.c["lora_A/proj"], expected, rtol=0, atol=1e-14)
+    _, corrections = one_round(100)
+    assert all(float(corrections[c]["lora_B/mix"].abs().max()) > 0 for c in range(3))
+
+
+def test_personalised_method_is_evaluated_per_client(tiny):
+    from conftest import tiny_data, tiny_federation
+
+    from ilora.algorithm import get_algorithm
+    from ilora.config import RunConfig
+    from ilora.simulation import Simulation
+
+    fed = tiny_federation(tiny, [2, 4, 6], [12, 16, 20])
+    algo = get_algorithm("fedsa_lora")(fed)
+    data = [tiny_data(n, seed=10 + i) for i, n in enumerate([12, 16, 20])]
+    cfg = RunConfig(rounds=2, local_steps=2, batch_size=8, optimizer="sgd", lr=0.05, progress=False)
+    records = Simulation(algo, tiny, data, tiny_data(16, seed=99), cfg, [[0, 1, 2]] * 2, seed=0).run()
+    for r in records:
+        assert len(r.client_accuracy) == 3
+        assert r.accuracy == pytest.approx(sum(r.client_accuracy) / 3)

@@ -139,3 +139,11 @@ def test_ranking_orders_by_accuracy(tmp_path):
     assert list(ranked["method"]) == ["ILoRA", "FLoRA", "FedIT"]
     assert list(ranked["rank"]) == [1, 2, 3]
     assert isinstance(ranked, pd.DataFrame) and ranked.loc[0, "runs"] == "2/2"
+
+
+def test_display_names_come_from_the_registry_and_mark_personalised_methods():
+    from ilora.report import display
+
+    assert display("fedit") == "FedIT" and display("fed_sb") == "Fed-SB"
+    assert display("fedsa_lora") == "FedSA-LoRA †"
+    assert display("+ QR init") == "+ QR init"  # not a method: shown as it is

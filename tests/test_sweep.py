@@ -267,3 +267,28 @@ def test_sigterm_stops_the_sweep_and_its_workers(tmp_path):
     while time.time() < deadline and any(_alive(w) for w in workers):
         time.sleep(0.2)
     assert not any(_alive(w) for w in workers)
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("all", None),
+        ("extended", ["fedex_lora", "fedsa_lora", "fed_sb", "flexlora", "hetlora", "rolora"]),
+        ("[fedit, extended]", ["fedit", "fedex_lora", "fedsa_lora", "fed_sb", "flexlora", "hetlora", "rolora"]),
+        ("[paper, fedit]", ["fedit", "ffa_lora", "flora", "ilora", "ilora_s", "lora_fair"]),
+    ],
+)
+def test_method_axis_takes_groups(tmp_path, spec, expected):
+    from ilora.algorithm import available_algorithms
+
+    bench = load_benchmark(str(write_bench(tmp_path, BENCH.replace("method: [fedit, ilora]", f"method: {spec}"))))
+    methods = [a for a in bench.axes("smoke") if a.name == "method"][0].values
+    assert sorted(methods) == sorted(expected or available_algorithms())
+    if spec == "all":
+        assert list(methods) == available_algorithms()  # the paper's methods first
+
+
+def test_unknown_method_group_is_named(tmp_path):
+    path = write_bench(tmp_path, BENCH.replace("method: [fedit, ilora]", "method: newest"))
+    with pytest.raises(ConfigError, match="unknown method group 'newest'.*valid: all"):
+        load_benchmark(str(path)).axes("smoke")
