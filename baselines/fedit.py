@@ -14,13 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ilora.algorithm import CommContext, register
+from ilora.algorithm import both_factors_both_ways, register
 from ilora.global_adapter import AuthorsOptions, GlobalAdapterMethod
-
-
-def factors_both_ways(c: CommContext) -> tuple[int, int]:
-    """``r_i (d + k)`` up and down: the client's ``A`` and ``B``."""
-    return c.rank * (c.d + c.k), c.rank * (c.d + c.k)
 
 
 @dataclass
@@ -28,7 +23,7 @@ class FedITConfig(AuthorsOptions):
     """FedIT has no options of its own: control variates and the authors' audit options."""
 
 
-@register("fedit", display_name="FedIT", comm=factors_both_ways, comm_text="r_i(d+k) up, r_i(d+k) down",
+@register("fedit", display_name="FedIT", comm=both_factors_both_ways, comm_text="r_i(d+k) up, r_i(d+k) down",
           groups=("paper",))
 class FedIT(GlobalAdapterMethod):
     """Clients train A and B from the global pair; the server averages A and B separately."""

@@ -25,14 +25,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ilora.algorithm import ClientModel, CommContext, Message, register, unflatten
+from ilora.algorithm import ClientModel, Message, both_factors_both_ways, register, unflatten
 from ilora.global_adapter import AdapterConfig, GlobalAdapterMethod
 from ilora.lowrank import concat_factors, pad_A, pad_B, thin_svd
-
-
-def factors_both_ways(c: CommContext) -> tuple[int, int]:
-    """``r_i (d + k)`` up and down."""
-    return c.rank * (c.d + c.k), c.rank * (c.d + c.k)
 
 
 @dataclass
@@ -40,7 +35,7 @@ class FlexLoRAConfig(AdapterConfig):
     """FlexLoRA has no options of its own (control variates can be switched on as for FedIT)."""
 
 
-@register("flexlora", display_name="FlexLoRA", comm=factors_both_ways, comm_text="r_i(d+k) up, r_i(d+k) down",
+@register("flexlora", display_name="FlexLoRA", comm=both_factors_both_ways, comm_text="r_i(d+k) up, r_i(d+k) down",
           groups=("extended",))
 class FlexLoRA(GlobalAdapterMethod):
     """SVD of ``sum p_i s_i B_i A_i``; each client gets the top-``r_i`` truncation (singular values in ``B``)."""

@@ -28,14 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ilora.algorithm import ClientModel, CommContext, Message, MethodConfig, register, unflatten
+from ilora.algorithm import ClientModel, Message, MethodConfig, both_factors_both_ways, register, unflatten
 from ilora.global_adapter import GlobalAdapterMethod
 from ilora.lowrank import cut_pair, frobenius_norm_of_product, pad_A, pad_B, weighted_sum
-
-
-def factors_both_ways(c: CommContext) -> tuple[int, int]:
-    """``r (d + k)`` up and down at the client's current rank."""
-    return c.rank * (c.d + c.k), c.rank * (c.d + c.k)
 
 
 @dataclass
@@ -55,7 +50,7 @@ class HetLoRAConfig(MethodConfig):
             raise ValueError(f"min_rank must be at least 1, got {self.min_rank}")
 
 
-@register("hetlora", display_name="HetLoRA", comm=factors_both_ways,
+@register("hetlora", display_name="HetLoRA", comm=both_factors_both_ways,
           comm_text="r(d+k) up, r(d+k) down (r: current rank, shrinks by self-pruning)", groups=("extended",))
 class HetLoRA(GlobalAdapterMethod):
     """Zero-padded averages weighted by ``||B_i A_i||_F``; clients prune trailing ranks of their adapters."""

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ilora.algorithm import CommContext, Message, register, unflatten, zero_padded_average
+from ilora.algorithm import Message, both_factors_both_ways, register, unflatten, zero_padded_average
 from ilora.global_adapter import AuthorsOptions, GlobalAdapterMethod
 
 CORRECTIONS = ("closed_form", "cosine")
@@ -127,12 +127,7 @@ def cosine_correction(
     return best.to(B_bar.dtype)
 
 
-def factors_both_ways(c: CommContext) -> tuple[int, int]:
-    """``r_i (d + k)`` up and down, as FedIT: the correction is computed on the server."""
-    return c.rank * (c.d + c.k), c.rank * (c.d + c.k)
-
-
-@register("lora_fair", display_name="LoRA-FAIR", comm=factors_both_ways, comm_text="r_i(d+k) up, r_i(d+k) down",
+@register("lora_fair", display_name="LoRA-FAIR", comm=both_factors_both_ways, comm_text="r_i(d+k) up, r_i(d+k) down",
           groups=("paper",))
 class LoRAFAIR(GlobalAdapterMethod):
     """FedIT's averages, then ``B <- B_bar + dB``; clients start from the corrected pair."""

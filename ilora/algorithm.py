@@ -59,6 +59,11 @@ class CommContext:
 CommFormula = Callable[[CommContext], tuple[int, int]]  # (uplink, downlink) elements of one layer
 
 
+def both_factors_both_ways(c: CommContext) -> tuple[int, int]:
+    """The most common formula: the client's ``A`` and ``B``, ``r_i (d + k)``, up and down."""
+    return c.rank * (c.d + c.k), c.rank * (c.d + c.k)
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     """What a method declares where it registers; the report, the docs and the tests read it here.
@@ -347,11 +352,6 @@ class MethodConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
-
-
-def check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------

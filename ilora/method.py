@@ -31,14 +31,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ilora.algorithm import CommContext, Federation, Message, register, standard_lora_init, unflatten
+from ilora.algorithm import Federation, Message, both_factors_both_ways, register, standard_lora_init, unflatten
 from ilora.global_adapter import AdapterConfig, GlobalAdapterMethod
 from ilora.lowrank import concat_qr, pad_A, pad_B
-
-
-def factors_both_ways(c: CommContext) -> tuple[int, int]:
-    """``r_i (d + k)`` up and down (the same shapes again with control variates)."""
-    return c.rank * (c.d + c.k), c.rank * (c.d + c.k)
 
 
 @dataclass
@@ -103,7 +98,7 @@ def mean_column_norm(Bs: Sequence[Tensor]) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-@register("ilora", display_name="ILoRA", comm=factors_both_ways, comm_text="r_i(d+k) up, r_i(d+k) down",
+@register("ilora", display_name="ILoRA", comm=both_factors_both_ways, comm_text="r_i(d+k) up, r_i(d+k) down",
           groups=("paper",))
 class ILoRA(GlobalAdapterMethod):
     """QR init + concatenated-QR aggregation (+ control variates when switched on)."""
@@ -204,7 +199,7 @@ class ILoRA(GlobalAdapterMethod):
         return self.global_factors(self.fed.max_rank) if self.aggregated else (self.A, self.B)
 
 
-@register("ilora_s", display_name="ILoRA-S", comm=factors_both_ways,
+@register("ilora_s", display_name="ILoRA-S", comm=both_factors_both_ways,
           comm_text="2 r_i(d+k) up, 2 r_i(d+k) down (factors and control variates)", groups=("paper",))
 class ILoRAS(ILoRA):
     """ILoRA-S: ILoRA with rank-aware control variates (``control_variates=true`` by default)."""
