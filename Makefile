@@ -32,15 +32,15 @@ lint: $(STAMP)
 
 # Every benchmark under benchmarks/ for $(PRESET) (runs skipped when their record exists), then the
 # tables (results/tables/$(PRESET)/) and plots (results/plots/$(PRESET)/). Safe to kill and rerun.
+# Exits non-zero, after writing the tables, if any run failed or diverged (each one is named).
 reproduce-tables: $(STAMP)
-	HF_HUB_OFFLINE=1 $(ILORA) sweep all --preset $(PRESET) --jobs $(JOBS)
-	HF_HUB_OFFLINE=1 $(ILORA) report all --preset $(PRESET)
+	HF_HUB_OFFLINE=1 $(ILORA) sweep all --preset $(PRESET) --jobs $(JOBS) --report
 
 # The baselines as the ILoRA authors' scripts ran them, against the faithful ones (docs/reproduction-audit.md):
 # results/tables/$(PRESET)/authors_audit_*.md. Reuses the faithful runs of reproduce-tables.
 AUDIT := authors_audit_ilora authors_audit_vision authors_audit_text
 reproduce-audit: $(STAMP)
-	HF_HUB_OFFLINE=1 $(ILORA) sweep $(AUDIT) --preset $(PRESET) --jobs $(JOBS)
+	HF_HUB_OFFLINE=1 $(ILORA) sweep $(AUDIT) --preset $(PRESET) --jobs $(JOBS) --report
 	HF_HUB_OFFLINE=1 $(ILORA) report all $(AUDIT) --preset $(PRESET)
 
 # Every registered method on one setting (benchmarks/compare.yaml; default the cpu text setting):

@@ -38,9 +38,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         tracker.finish(record)
     path = os.path.join(cfg.out_dir, run_id_for(cfg), "result.json")
     rounds = record["rounds"]
-    if record["status"] != "ok":
-        print(f"run {record['status']}: {record['error'] or 'non-finite loss'}", file=sys.stderr)
-    if rounds:
+    if record["status"] == "diverged":
+        print(f"run diverged at round {len(rounds)} (non-finite loss)", file=sys.stderr)
+    elif record["status"] != "ok":
+        print(f"run {record['status']}: {record['error']}", file=sys.stderr)
+    if rounds and record["status"] == "ok":
         last = rounds[-1]
         compute = sum(r["compute_s"] for r in rounds)
         wall = sum(r["wall_s"] for r in rounds)
@@ -105,14 +107,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
           f"x {threads_per_job(args.jobs)} thread(s), records under {out}", file=sys.stderr)
     summary = run_sweep(runs, args.jobs, retry_failed=args.retry_failed)
     print(summary.line(), file=sys.stderr)
-    for run_id, error in summary.failed:
-        print(f"  failed: {run_id}: {error}", file=sys.stderr)
     if args.report:
         from ilora.report import report
 
         written = report(benches, args.preset, overrides, args.out_dir, Path(args.results_dir))
         print(f"report: {len(written)} files under {args.results_dir}/", file=sys.stderr)
-    return 0
+    return _unfinished(runs)
+
+
+def _unfinished(runs: list[Any]) -> int:
+    """Name every planned run whose record says failed or diverged (also from earlier sweeps); 1 if any."""
+    from ilora.benchmark import read_record
+
+    bad = []
+    for run in runs:
+        record = read_record(run.result_path) or {}
+        if record.get("status") in ("failed", "diverged"):
+            rounds = len(record.get("rounds") or [])
+            detail = record.get("error") if record["status"] == "failed" else f"diverged at round {rounds}"
+            bad.append(f"  {record['status']}: {run.run_id}: {detail}")
+    for line in bad:
+        print(line, file=sys.stderr)
+    return 1 if bad else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -154,7 +170,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     written += plot_communication(bench, args.preset, df,
                                   results / "plots" / args.preset / f"{bench.name}_communication")
     print("\nwritten: " + ", ".join(str(p) for p in written))
-    return 0 if not summary.failed else 1
+    return _unfinished(runs)
 
 
 def _common_options(parser: argparse.ArgumentParser, run: bool) -> None:
@@ -188,8 +204,32 @@ def add_sweep_parsers(sub: Any) -> None:
     cmp_.set_defaults(func=cmd_compare)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``error: ...``, exit 2), for every subcommand too."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+# The positional list of each command that takes ``key=value`` overrides (they may also come after options).
+_OVERRIDE_LISTS = ("overrides", "items")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, accepting ``key=value`` overrides anywhere on the line, also after the options."""
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if "=" not in e or e.startswith("-")]
+    target = next((name for name in _OVERRIDE_LISTS if isinstance(getattr(args, name, None), list)), None)
+    if unknown or (extra and target is None):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        getattr(args, target).extend(extra)
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ilora", description="Federated LoRA benchmark suite")
+    parser = _Parser(prog="ilora", description="Federated LoRA benchmark suite")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one experiment: ilora run [key=value ...]")
     run.add_argument("overrides", nargs="*", help="config overrides, e.g. method=ilora rounds=3 ranks=[2,4,6]")
@@ -208,7 +248,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     _quiet_libraries()
     signal.signal(signal.SIGTERM, _interrupt)
     try:

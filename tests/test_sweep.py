@@ -292,3 +292,51 @@ def test_unknown_method_group_is_named(tmp_path):
     path = write_bench(tmp_path, BENCH.replace("method: [fedit, ilora]", "method: newest"))
     with pytest.raises(ConfigError, match="unknown method group 'newest'.*valid: all"):
         load_benchmark(str(path)).axes("smoke")
+
+
+def test_sweep_exits_1_after_the_tables_naming_failed_and_diverged_runs(tmp_path, capsys):
+    from ilora.cli import main
+
+    bench = write_bench(tmp_path)
+    out = tmp_path / "runs"
+    runs = expand(load_benchmark(str(bench)), "smoke", out_dir=str(out))
+    for run in runs:
+        fake_runner(run.config)
+    for run, status in zip(runs[:2], ("failed", "diverged")):
+        record = json.loads(run.result_path.read_text())
+        record.update(status=status, error="RuntimeError: boom" if status == "failed" else None)
+        write_record(run.result_path.parent, record)
+    args = ["sweep", str(bench), "--preset", "smoke", "--out-dir", str(out), "--report",
+            "--results-dir", str(tmp_path / "results")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"failed: {runs[0].run_id}: RuntimeError: boom" in err
+    assert f"diverged: {runs[1].run_id}: diverged at round 2" in err
+    assert (tmp_path / "results" / "tables" / "smoke" / "tiny.md").exists()  # the tables are written first
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["sweep", "all", "--preset", "smoke", "--jobs", "2", "rounds=1"], ("items", ["all", "rounds=1"])),
+        (["sweep", "all", "--preset", "cpu", "wandb=offline"], ("items", ["all", "wandb=offline"])),
+        (["report", "--preset", "cpu", "nlp_dirichlet05", "rounds=2"], ("items", ["nlp_dirichlet05", "rounds=2"])),
+        (["compare", "--preset", "smoke", "dataset=tweets"], ("overrides", ["dataset=tweets"])),
+        (["run", "method=ilora", "rounds=2"], ("overrides", ["method=ilora", "rounds=2"])),
+    ],
+)
+def test_overrides_are_accepted_anywhere_on_the_line(argv, expected):
+    from ilora.cli import build_parser, parse_args
+
+    args = parse_args(build_parser(), argv)
+    assert getattr(args, expected[0]) == expected[1]
+
+
+def test_unknown_options_are_one_line_errors(capsys):
+    from ilora.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", "all", "--bogus"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unrecognized arguments: --bogus" in err[0]
