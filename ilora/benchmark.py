@@ -270,7 +270,9 @@ def plan(
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
+    """A results record, or ``None`` if it is absent or not a readable JSON object (a damaged file)."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return record if isinstance(record, dict) else None

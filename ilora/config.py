@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,7 +191,57 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"unknown device {cfg.device!r} (valid: auto, cpu, cuda, cuda:N)")
     if cfg.threads != "auto" and not (cfg.threads.isdigit() and int(cfg.threads) > 0):
         raise ConfigError(f"threads must be auto or a positive integer, got {cfg.threads!r}")
+    for key in ("local_steps", "image_size", "max_train_samples", "max_test_samples"):
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be a positive integer or null, got {value}")
+    for key, value in to_dict(cfg).items():  # every float setting: nan and inf are never meant
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+    if cfg.momentum < 0 or cfg.weight_decay < 0 or (cfg.grad_clip is not None and cfg.grad_clip <= 0):
+        raise ConfigError("momentum and weight_decay must be non-negative and grad_clip positive or null, "
+                          f"got {cfg.momentum}, {cfg.weight_decay}, {cfg.grad_clip}")
+    check_writable_dir("out_dir", cfg.out_dir)
+    check_device(cfg.device)
+    if cfg.wandb == "online":
+        check_wandb_login()
     method_options(cfg)  # the method's own options must be valid too
+
+
+def check_writable_dir(key: str, path: str) -> None:
+    """``path`` is, or can be created as, a directory this process may write to (nothing is created here)."""
+    target = Path(path).expanduser()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"{key} {path!r} is not a directory ({probe} is a file)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} {path!r} is not writable")
+
+
+def check_device(device: str) -> None:
+    """A CUDA device must exist before anything (a tracker's files, data, a model) is touched."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available here (valid: auto, cpu)")
+
+
+def check_wandb_login() -> None:
+    """``wandb=online`` needs an API key (``WANDB_API_KEY`` or ``wandb login``'s netrc entry)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    import netrc
+
+    try:
+        entry = netrc.netrc().authenticators("api.wandb.ai")
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        entry = None
+    if not entry:
+        raise ConfigError("wandb=online needs a W&B API key: run `wandb login` or set WANDB_API_KEY "
+                          "(valid without one: wandb=offline, wandb=disabled)")
 
 
 def method_options(cfg: RunConfig) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,6 +25,7 @@ import pandas as pd
 
 from ilora.algorithm import available_algorithms, display_name, get_algorithm
 from ilora.benchmark import Benchmark, PlannedRun, expand, read_record
+from ilora.errors import UserError
 
 AVERAGE = "average"
 
@@ -75,6 +77,9 @@ def collect(runs: Iterable[PlannedRun]) -> pd.DataFrame:
         row.update(run_id=run.run_id, model=run.config.model, status="missing", accuracy=math.nan,
                    best=math.nan, up_mb=math.nan, down_mb=math.nan, curve=None, seconds=math.nan,
                    step_ratio=math.nan)
+        if record is None and run.result_path.exists():
+            print(f"warning: cannot read {run.result_path} (not a valid results record); its cell is left blank",
+                  file=sys.stderr)
         if record is not None:
             row["status"] = record.get("status", "failed")
             rounds = record.get("rounds") or []
@@ -532,6 +537,8 @@ def report(
     plots: bool = True,
 ) -> list[Path]:
     """Tables (and plots) of ``benches`` from the records under the sweep's ``out_dir``."""
+    if any(bench.runs_at(preset) for bench in benches):
+        check_records(preset, out_dir)
     written: list[Path] = []
     all_records: list[pd.DataFrame] = []
     for bench in benches:
@@ -549,8 +556,21 @@ def report(
                     continue
                 target = results_dir / "plots" / preset / f"{bench.name}_{kind}"
                 written += PLOTS[kind](bench, preset, df, target)
-    written.append(write_provenance(benches, preset, out_dir, results_dir / "tables" / preset))
+    written.append(write_provenance(benches, preset, out_dir, results_dir / "tables" / preset, overrides))
     return written
+
+
+def check_records(preset: str, out_dir: str | None) -> Path:
+    """The records directory must exist and hold at least one ``result.json``, else nothing is written."""
+    from ilora.benchmark import default_out_dir
+
+    root = Path(out_dir or default_out_dir(preset))
+    if not root.is_dir():
+        raise UserError(f"no results records: {root} does not exist (run `ilora sweep ... --preset {preset}` first, "
+                        "or give --out-dir)")
+    if next(root.glob("*/result.json"), None) is None:
+        raise UserError(f"no results records under {root} (run `ilora sweep ... --preset {preset}` first)")
+    return root
 
 
 def write_not_run(bench: Benchmark, preset: str, directory: Path) -> Path:
@@ -568,8 +588,11 @@ def write_not_run(bench: Benchmark, preset: str, directory: Path) -> Path:
     return path
 
 
-def write_provenance(benches: list[Benchmark], preset: str, out_dir: str | None, directory: Path) -> Path:
-    """Where the tables came from: machine, versions and commits of the records, when."""
+def write_provenance(
+    benches: list[Benchmark], preset: str, out_dir: str | None, directory: Path, overrides: list[str] | None = None
+) -> Path:
+    """Where the tables came from: machine, versions and commits of the records, when (the same runs as
+    the tables: the benchmarks expanded with the same overrides)."""
     from ilora.benchmark import default_out_dir
     from ilora.runner import write_atomic
 
@@ -579,7 +602,7 @@ def write_provenance(benches: list[Benchmark], preset: str, out_dir: str | None,
     count, seconds = 0, 0.0
     names = set()
     for bench in benches:
-        for run in expand(bench, preset, None, out_dir):
+        for run in expand(bench, preset, overrides, out_dir):
             names.add(run.run_id)
     for run_id in sorted(names):
         rec = read_record(root / run_id / "result.json")
@@ -594,6 +617,7 @@ def write_provenance(benches: list[Benchmark], preset: str, out_dir: str | None,
         f"# Provenance of the `{preset}` tables", "",
         f"- generated: {datetime.now(timezone.utc).isoformat(timespec='seconds')} by `ilora report`",
         f"- benchmarks: {', '.join(b.name for b in benches)}",
+        f"- overrides: {' '.join(overrides) if overrides else 'none'}",
         f"- results records: {count} of {len(names)} planned runs, under `{root}` (not in git)",
         f"- training + evaluation time in those records: {seconds / 60:.1f} min",
         f"- report machine: {platform.platform()}, {os.cpu_count()} CPU cores, "
