@@ -10,11 +10,14 @@ client), a resumed run computes exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -79,31 +82,86 @@ def restore_algorithm(algo: Algorithm, skeleton: Any, tensors: dict[str, Tensor]
             setattr(algo, key, value)
 
 
-def save_checkpoint(directory: Path, algo: Algorithm, rounds: list[dict], config_hash: str) -> None:
-    """Write the state after ``len(rounds)`` rounds; the JSON file, written last, commits it."""
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _checkpoints(directory: Path) -> list[int]:
+    """The rounds that have a committed checkpoint (``checkpoint-<n>.json``), newest first."""
+    done = []
+    for meta in directory.glob("checkpoint-*.json"):
+        suffix = meta.stem.partition("-")[2]
+        if suffix.isdigit():
+            done.append(int(suffix))
+    return sorted(done, reverse=True)
+
+
+def save_checkpoint(directory: Path, algo: Algorithm, rounds: list[dict], config_hash: str, keep: int = 2) -> None:
+    """Write the state after ``len(rounds)`` rounds and keep the last ``keep`` checkpoints.
+
+    The tensors go to ``state-<n>.safetensors``; ``checkpoint-<n>.json``, written last (through a
+    temporary file and a rename), commits them and carries the tensor file's SHA-256, so that a damaged
+    file of either kind is detected on resume.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     skeleton, tensors = algorithm_state(algo)
     done = len(rounds)
     tensor_file = directory / f"state-{done}.safetensors"
-    save_file(tensors, str(tensor_file.with_suffix(".tmp")))
-    tensor_file.with_suffix(".tmp").replace(tensor_file)
+    tmp = tensor_file.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(tensor_file)
     meta = {"config_hash": config_hash, "rounds_done": done, "rounds": rounds, "state": skeleton,
-            "tensors": tensor_file.name}
-    tmp = directory / "checkpoint.json.tmp"
+            "tensors": tensor_file.name, "sha256": _digest(tensor_file)}
+    tmp = directory / f"checkpoint-{done}.json.tmp"
     tmp.write_text(json.dumps(meta))
-    tmp.replace(directory / "checkpoint.json")
-    for old in directory.glob("state-*.safetensors"):
-        if old != tensor_file:
+    tmp.replace(directory / f"checkpoint-{done}.json")
+    kept = set(_checkpoints(directory)[:keep])
+    for old in [*directory.glob("checkpoint-*.json"), *directory.glob("state-*.safetensors")]:
+        n = old.name.split("-", 1)[1].split(".", 1)[0]
+        if not n.isdigit() or int(n) not in kept:
             old.unlink(missing_ok=True)
 
 
+def _read(directory: Path, done: int, config_hash: str) -> tuple[dict, dict[str, Tensor]] | None:
+    """The checkpoint after round ``done``: (meta, tensors); ``None`` if it is another config's.
+
+    Raises ``ValueError`` naming what is damaged."""
+    try:
+        meta = json.loads((directory / f"checkpoint-{done}.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"checkpoint-{done}.json is unreadable ({type(exc).__name__})") from None
+    if not isinstance(meta, dict) or not {"config_hash", "rounds", "state", "tensors", "sha256"} <= set(meta):
+        raise ValueError(f"checkpoint-{done}.json is incomplete")
+    if meta["config_hash"] != config_hash:
+        return None
+    if len(meta["rounds"]) != done:
+        raise ValueError(f"checkpoint-{done}.json holds {len(meta['rounds'])} rounds")
+    tensor_file = directory / meta["tensors"]
+    if not tensor_file.exists() or _digest(tensor_file) != meta["sha256"]:
+        raise ValueError(f"{meta['tensors']} is missing or does not match its checksum")
+    try:
+        tensors = load_file(str(tensor_file))
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"{meta['tensors']} cannot be read ({exc})".splitlines()[0]) from None
+    return meta, tensors
+
+
 def load_checkpoint(directory: Path, algo: Algorithm, config_hash: str) -> list[dict]:
-    """Restore ``algo`` from ``directory`` if a checkpoint of the same config is there; return its rounds."""
-    meta_path = directory / "checkpoint.json"
-    if not meta_path.exists():
-        return []
-    meta = json.loads(meta_path.read_text())
-    if meta.get("config_hash") != config_hash:
-        return []
-    restore_algorithm(algo, meta["state"], load_file(str(directory / meta["tensors"])))
-    return meta["rounds"]
+    """Restore ``algo`` from the newest good checkpoint of the same config in ``directory``; its rounds.
+
+    A damaged checkpoint is named in one line on stderr and the one before it is tried; with none
+    left the run starts over (``[]``), and then computes what an uninterrupted run computes.
+    """
+    for i, done in enumerate(candidates := _checkpoints(directory)):
+        try:
+            found = _read(directory, done, config_hash)
+            if found is None:
+                return []
+            meta, tensors = found
+            restore_algorithm(algo, meta["state"], tensors)
+            return meta["rounds"]
+        except (ValueError, KeyError, TypeError) as exc:
+            fallback = f"resuming after round {candidates[i + 1]}" if i + 1 < len(candidates) else "starting over"
+            print(f"warning: the checkpoint after round {done} in {directory} is damaged ({exc}); {fallback}",
+                  file=sys.stderr)
+    return []

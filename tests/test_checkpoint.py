@@ -63,7 +63,7 @@ def test_killed_cli_run_resumes(tmp_path: Path):
     with pytest.raises(KeyboardInterrupt):
         run_experiment(resolve_config(overrides), tracker=KillAtRound2())
     (run_dir,) = list(tmp_path.iterdir())
-    assert not (run_dir / "result.json").exists() and (run_dir / "checkpoint" / "checkpoint.json").exists()
+    assert not (run_dir / "result.json").exists() and (run_dir / "checkpoint" / "checkpoint-2.json").exists()
     resumed = run_experiment(resolve_config(overrides))
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
     assert not (run_dir / "checkpoint").exists()
@@ -71,3 +71,64 @@ def test_killed_cli_run_resumes(tmp_path: Path):
     keys = ("accuracy", "loss", "uplink_bytes")
     assert [[r[k] for k in keys] for r in resumed["rounds"]] == [[r[k] for k in keys] for r in uninterrupted["rounds"]]
     assert json.loads((run_dir / "result.json").read_text())["status"] == "ok"
+
+
+def interrupted_after(method: str, directory: Path, rounds_done: int) -> None:
+    """Run ``method`` with a checkpoint after every round and stop after ``rounds_done`` rounds."""
+    sim = make_sim(method, rounds=4)
+    done = []
+
+    def checkpoint(record):
+        done.append({"round": record.round})
+        save_checkpoint(directory, sim.algorithm, done, "h")
+        if record.round == rounds_done:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sim.run(on_round=checkpoint)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+DAMAGES = {
+    "truncated tensors": lambda d, n: truncate(d / f"state-{n}.safetensors"),
+    "flipped tensor byte": lambda d, n: (d / f"state-{n}.safetensors").write_bytes(
+        (lambda b: b[:-9] + bytes([b[-9] ^ 0xFF]) + b[-8:])((d / f"state-{n}.safetensors").read_bytes())),
+    "missing tensors": lambda d, n: (d / f"state-{n}.safetensors").unlink(),
+    "truncated json": lambda d, n: truncate(d / f"checkpoint-{n}.json"),
+    "json of another shape": lambda d, n: (d / f"checkpoint-{n}.json").write_text("[1, 2]"),
+}
+
+
+def test_only_the_last_two_checkpoints_are_kept(tmp_path: Path):
+    interrupted_after("fedit", tmp_path, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-2.json", "checkpoint-3.json", "state-2.safetensors", "state-3.safetensors"]
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+@pytest.mark.parametrize("method", ["ilora_s", "flora"])
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(method: str, damage: str, tmp_path: Path, capsys):
+    full = [(r.accuracy, r.loss, r.uplink_bytes) for r in make_sim(method, rounds=4).run()]
+    interrupted_after(method, tmp_path, 3)
+    DAMAGES[damage](tmp_path, 3)
+    second = make_sim(method, rounds=4)
+    rounds = load_checkpoint(tmp_path, second.algorithm, "h")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint after round 3" in err[0] and "resuming after round 2" in err[0]
+    assert len(rounds) == 2
+    resumed = [(r.accuracy, r.loss, r.uplink_bytes) for r in second.run(start_round=2)]
+    assert resumed == full[2:]
+
+
+def test_with_every_checkpoint_damaged_the_run_starts_over(tmp_path: Path, capsys):
+    full = [(r.accuracy, r.loss, r.uplink_bytes) for r in make_sim("fedit", rounds=4).run()]
+    interrupted_after("fedit", tmp_path, 3)
+    DAMAGES["truncated tensors"](tmp_path, 3)
+    DAMAGES["truncated json"](tmp_path, 2)
+    sim = make_sim("fedit", rounds=4)
+    assert load_checkpoint(tmp_path, sim.algorithm, "h") == []
+    assert "starting over" in capsys.readouterr().err
+    assert [(r.accuracy, r.loss, r.uplink_bytes) for r in sim.run()] == full
