@@ -25,18 +25,26 @@ def _quiet_libraries() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """One run; its progress, status and summary all go to stderr (stdout stays free for data)."""
+    from ilora.benchmark import read_record
     from ilora.config import resolve_config
     from ilora.runner import run_experiment, run_id_for
     from ilora.tracking import create_tracker
 
     cfg = resolve_config(args.overrides)
+    path = os.path.join(cfg.out_dir, run_id_for(cfg), "result.json")
+    existing = read_record(Path(path))
+    if existing is not None and not args.force:
+        print(f"already done ({existing.get('status')}): {path} (--force runs it again)", file=sys.stderr)
+        return 0 if existing.get("status") == "ok" else 1
+    if existing is not None:
+        os.remove(path)
     tracker = create_tracker(cfg, run_id_for(cfg))
     record = None
     try:
         record = run_experiment(cfg, tracker=tracker)
     finally:
         tracker.finish(record)
-    path = os.path.join(cfg.out_dir, run_id_for(cfg), "result.json")
     rounds = record["rounds"]
     if record["status"] == "diverged":
         print(f"run diverged at round {len(rounds)} (non-finite loss)", file=sys.stderr)
@@ -49,9 +57,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(
             f"{cfg.method} on {cfg.dataset}/{cfg.model}: final accuracy {last['accuracy']:.4f} "
             f"(best {record['best_accuracy']:.4f}), {len(rounds)} rounds in {wall:.1f}s, "
-            f"{100 * (1 - compute / wall):.1f}% outside forward/backward/optimizer steps"
+            f"{100 * (1 - compute / wall):.1f}% outside forward/backward/optimizer steps",
+            file=sys.stderr,
         )
-    print(f"results record: {path}")
+    print(f"results record: {path}", file=sys.stderr)
     return 0 if record["status"] == "ok" else 1
 
 
@@ -85,6 +94,11 @@ def _split(items: list[str]) -> tuple[list[str], list[str]]:
     return names, [i for i in items if "=" in i]
 
 
+def _check_jobs(jobs: int) -> None:
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
+
+
 def _check_preset(preset: str) -> None:
     from ilora.benchmark import SWEEP_PRESETS
 
@@ -97,8 +111,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from ilora.sweep import run_sweep, threads_per_job
 
     _check_preset(args.preset)
-    if args.jobs < 1:
-        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
+    _check_jobs(args.jobs)
     names, overrides = _split(args.items)
     benches = resolve_benchmarks(names)
     runs = plan(benches, args.preset, overrides, args.out_dir)
@@ -154,6 +167,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ilora.sweep import run_sweep
 
     _check_preset(args.preset)
+    _check_jobs(args.jobs)
     bench = load_benchmark(args.benchmark)
     runs = expand(bench, args.preset, args.overrides, args.out_dir)
     summary = run_sweep(runs, args.jobs, retry_failed=args.retry_failed)
@@ -233,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one experiment: ilora run [key=value ...]")
     run.add_argument("overrides", nargs="*", help="config overrides, e.g. method=ilora rounds=3 ranks=[2,4,6]")
+    run.add_argument("--force", action="store_true", help="run again even if the run's record exists")
     run.set_defaults(func=cmd_run)
     lst = sub.add_parser("list", help="registered methods, datasets, models and presets")
     lst.set_defaults(func=cmd_list)

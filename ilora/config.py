@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -65,7 +66,7 @@ class RunConfig:
     data_dir: str | None = None
     # run
     seed: int = 42
-    out_dir: str = "runs"
+    out_dir: str | None = None  # where records go; None: runs/<preset> (the layout sweeps use)
     run_id: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: str = "auto"  # CPU threads of this run: auto (available cores / sweep jobs, at least 1) | N
@@ -102,7 +103,7 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
             raise ConfigError(f"override {item!r} is not key=value (valid keys: {', '.join(PUBLIC_KEYS)})")
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as exc:
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot parse overrides: {exc}".splitlines()[0]) from None
 
 
@@ -146,6 +147,8 @@ def resolve_config(overrides: list[str] | None = None, config_root: Path | None 
     cfg = _merge(cfg, file_layer, str(config_file))
     cfg = _merge(cfg, cli, "the command line")
     run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    if run.out_dir is None:
+        run.out_dir = str(Path("runs") / run.preset)
     validate(run)
     return run
 

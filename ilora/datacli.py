@@ -28,7 +28,8 @@ def add_data_parser(sub: Any) -> None:
     show.add_argument("dataset")
     show.add_argument("overrides", nargs="*",
                       help="config keys, e.g. partition=dirichlet num_clients=10 dirichlet_alpha=0.3 seed=1")
-    show.add_argument("--out", default=None, help="heatmap PNG (default: partition-<dataset>-<hash>.png)")
+    show.add_argument("--out", default=None,
+                      help="heatmap PNG (default: <out_dir>/partitions/partition-<dataset>-<hash>.png)")
     show.set_defaults(func=cmd_show)
 
 
@@ -165,7 +166,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         top = f"{row.max() / size:.2f}" if size else "-"
         rows.append([i, size, int((row > 0).sum()), top, *(row.tolist() if per_class else [])])
     print(tabulate(rows, headers=headers))
-    out = Path(args.out) if args.out else Path(f"partition-{cfg.dataset}-{key}.png")
+    out = Path(args.out) if args.out else Path(cfg.out_dir) / "partitions" / f"partition-{cfg.dataset}-{key}.png"
     save_heatmap(counts, data.class_names, f"{cfg.dataset}: {scheme}\nseed {cfg.seed}, partition {key}", out)
     print(f"heatmap: {out}")
     return 0

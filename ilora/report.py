@@ -633,7 +633,8 @@ def write_provenance(
 
 # ----------------------------------------------------------------------------------------- compare
 def ranking(df: pd.DataFrame) -> pd.DataFrame:
-    """Methods ranked by mean final accuracy over seeds (failed and missing runs last)."""
+    """Methods ranked by mean final accuracy over seeds (failed and missing runs last); equal means share a
+    rank, marked ``=`` (competition ranking: 1=, 1=, 3)."""
     rows = []
     for method, sub in df.groupby("method", sort=False):
         good = sub[sub["status"] == "ok"]
@@ -646,7 +647,9 @@ def ranking(df: pd.DataFrame) -> pd.DataFrame:
             "seconds": good["seconds"].mean() if not good.empty else math.nan,
             "runs": f"{len(good)}/{len(sub)}",
         })
-    out = pd.DataFrame(rows).sort_values("accuracy", ascending=False, na_position="last")
+    out = pd.DataFrame(rows).sort_values("accuracy", ascending=False, na_position="last", kind="stable")
     out = out.reset_index(drop=True)
-    out.insert(0, "rank", range(1, len(out) + 1))
+    rank = out["accuracy"].rank(method="min", ascending=False, na_option="bottom").astype(int)
+    tied = rank.duplicated(keep=False)
+    out.insert(0, "rank", [f"{r}=" if t else str(r) for r, t in zip(rank, tied)])  # 1=, 1=, 3: a tie is a tie
     return out

@@ -77,12 +77,14 @@ class Simulation:
         sizes = [len(d["labels"]) for d in self.client_data]
         if start_round == 0:
             algo.initialize(self.weight_gradient)
-        rounds = tqdm(range(start_round, self.config.rounds), desc="rounds", disable=not self.config.progress)
-        for t in rounds:
+        rounds = tqdm(total=self.config.rounds, initial=start_round, desc="rounds", unit="round",
+                      disable=not self.config.progress)
+        for t in range(start_round, self.config.rounds):
             wall0 = self._now()
             self._compute_s = 0.0
             uploads, uplink, downlink, train_losses, first_steps = {}, 0, 0, [], []
-            for cid in tqdm(self.sampling[t], desc=f"round {t}", leave=False, disable=not self.config.progress):
+            for cid in tqdm(self.sampling[t], desc=f"round {t + 1}", unit="client", leave=False,
+                            disable=not self.config.progress):
                 message, model = algo.download(cid)
                 downlink += message_bytes(message)
                 trained, loss, first_step = self.train_client(t, cid, model)
@@ -109,11 +111,13 @@ class Simulation:
                 client_accuracy=client_accuracy,
             )
             records.append(record)
-            rounds.set_postfix(acc=f"{accuracy:.4f}", loss=f"{loss:.3f}")
+            rounds.set_postfix(acc=f"{accuracy:.4f}", loss=f"{loss:.3f}", refresh=False)
+            rounds.update(1)
             if on_round is not None:
                 on_round(record)
             if not math.isfinite(loss):
                 break
+        rounds.close()
         return records
 
     # ---------------------------------------------------------------------------- local training

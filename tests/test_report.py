@@ -137,8 +137,19 @@ def test_ranking_orders_by_accuracy(tmp_path):
     df = collect([r for r in runs if r.labels["dataset"] == "bbc_news"])
     ranked = ranking(df)
     assert list(ranked["method"]) == ["ILoRA", "FLoRA", "FedIT"]
-    assert list(ranked["rank"]) == [1, 2, 3]
+    assert list(ranked["rank"]) == ["1", "2", "3"]
     assert isinstance(ranked, pd.DataFrame) and ranked.loc[0, "runs"] == "2/2"
+
+
+def test_ranking_shows_ties_as_ties():
+    df = pd.DataFrame({
+        "method": ["fedit", "flora", "ilora", "ffa_lora"], "status": ["ok", "ok", "ok", "failed"],
+        "accuracy": [70.0, 75.0, 70.0, float("nan")], "best": [70.0] * 4, "comm_mb": [1.0] * 4,
+        "seconds": [1.0] * 4,
+    })
+    ranked = ranking(df)
+    assert list(zip(ranked["method"], ranked["rank"])) == [
+        ("FLoRA", "1"), ("FedIT", "2="), ("ILoRA", "2="), ("FFA-LoRA", "4")]
 
 
 def test_display_names_come_from_the_registry_and_mark_personalised_methods():
