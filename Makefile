@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PRESET ?= cpu
 JOBS   ?= 2
 
-.PHONY: install test lint reproduce-tables reproduce-audit compare plots perf clean
+.PHONY: install test drill lint reproduce-tables reproduce-audit compare plots perf clean
 
 install: $(STAMP)
 
@@ -26,6 +26,13 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The drills: every command of README.md and docs/*.md runs at smoke size (tests/test_docs_commands.py),
+# and a smoke sweep killed with -9 at five points and rerun gives byte-identical tables and plots
+# (scripts/kill-drill.sh). The bad-input drill is part of `make test` (tests/test_drill.py).
+drill: $(STAMP)
+	$(PY) -m pytest -m docs tests/test_docs_commands.py
+	./scripts/kill-drill.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ilora baselines tests benchmarks
