@@ -73,3 +73,64 @@ def test_cli_list(capsys):
     out = capsys.readouterr().out
     for word in ("fedit", "bbc_news", "minilm", "smoke", "cpu"):
         assert word in out
+
+
+def test_runs_and_sweeps_share_one_record_layout():
+    from ilora.benchmark import default_out_dir
+
+    assert resolve_config([]).out_dir == default_out_dir("cpu") == str(Path("runs") / "cpu")
+    assert resolve_config(["preset=smoke"]).out_dir == default_out_dir("smoke")
+    assert resolve_config(["out_dir=elsewhere"]).out_dir == "elsewhere"
+
+
+def test_data_show_writes_its_heatmap_under_the_out_dir(tmp_path, monkeypatch, capsys):
+    from ilora.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "show", "bbc_news", "max_train_samples=60", f"out_dir={tmp_path / 'records'}"]) == 0
+    (png,) = list((tmp_path / "records" / "partitions").glob("partition-bbc_news-*.png"))
+    assert f"heatmap: {png}" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["records"]
+
+
+def test_a_diverged_run_says_where_and_prints_no_final_accuracy(tmp_path, monkeypatch, capsys):
+    import ilora.runner
+
+    def diverging(cfg, tracker=None):
+        return {"status": "diverged", "error": None, "best_accuracy": 0.3,
+                "rounds": [{"accuracy": 0.3, "loss": 1.0, "compute_s": 1, "wall_s": 1},
+                           {"accuracy": 0.1, "loss": float("nan"), "compute_s": 1, "wall_s": 1}]}
+
+    monkeypatch.setattr(ilora.runner, "run_experiment", diverging)
+    assert main(["run", "preset=smoke", f"out_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert "run diverged at round 2" in err and "final accuracy" not in err
+
+
+def test_every_vision_benchmark_smoke_runs_a_vision_model():
+    from ilora.benchmark import available_benchmarks, expand, load_benchmark
+    from ilora.models import model_kind
+
+    for name in available_benchmarks():
+        bench = load_benchmark(name)
+        if "vision" not in name or not bench.runs_at("smoke"):
+            continue
+        runs = expand(bench, "smoke")
+        assert runs and all(model_kind(r.config.model) == "vision" for r in runs), name
+
+
+def test_progress_bars_count_rounds_from_one_and_name_their_units(capsys):
+    from conftest import tiny_backbone, tiny_data, tiny_federation
+
+    from ilora.algorithm import get_algorithm
+    from ilora.config import RunConfig
+    from ilora.simulation import Simulation
+
+    backbone = tiny_backbone()
+    fed = tiny_federation(backbone, [2, 4], [8, 8])
+    cfg = RunConfig(rounds=2, local_steps=1, batch_size=4, optimizer="sgd", lr=0.01, progress=True)
+    data = [tiny_data(8, seed=1), tiny_data(8, seed=2)]
+    Simulation(get_algorithm("fedit")(fed), backbone, data, tiny_data(4, seed=3), cfg, [[0, 1], [0, 1]]).run()
+    err = capsys.readouterr().err
+    assert "round 1" in err and "round 2" in err and "round 0" not in err
+    assert "2/2" in err and ("round/s" in err or "s/round" in err) and ("client/s" in err or "s/client" in err)

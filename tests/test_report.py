@@ -158,3 +158,23 @@ def test_display_names_come_from_the_registry_and_mark_personalised_methods():
     assert display("fedit") == "FedIT" and display("fed_sb") == "Fed-SB"
     assert display("fedsa_lora") == "FedSA-LoRA †"
     assert display("+ QR init") == "+ QR init"  # not a method: shown as it is
+
+
+def test_a_damaged_record_is_named_and_its_cell_left_blank(tmp_path, capsys):
+    bench, runs, out = make_records(tmp_path)
+    damaged = next(r for r in runs if r.result_path.exists())
+    damaged.result_path.write_text('{"run_id": "trunc')
+    df = collect(runs)
+    assert f"cannot read {damaged.result_path}" in capsys.readouterr().err
+    assert df.loc[df["run_id"] == damaged.run_id, "status"].item() == "missing"
+
+
+def test_provenance_counts_the_runs_the_overrides_select(tmp_path):
+    bench, runs, out = make_records(tmp_path)
+    report([bench], "smoke", out_dir=str(out), results_dir=tmp_path / "results", plots=False)
+    prov = (tmp_path / "results" / "tables" / "smoke" / "PROVENANCE.md").read_text()
+    held = sum(r.result_path.exists() for r in runs)
+    assert f"results records: {held} of {len(runs)} planned runs" in prov and "overrides: none" in prov
+    report([bench], "smoke", ["rounds=7"], out_dir=str(out), results_dir=tmp_path / "results", plots=False)
+    prov = (tmp_path / "results" / "tables" / "smoke" / "PROVENANCE.md").read_text()
+    assert f"results records: 0 of {len(runs)} planned runs" in prov and "overrides: rounds=7" in prov
