@@ -417,8 +417,8 @@ def _save(fig: Any, path: Path) -> list[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     out = [path.with_suffix(".png"), path.with_suffix(".pdf")]
-    fig.savefig(out[0], dpi=120)
-    fig.savefig(out[1], metadata={"CreationDate": None})  # no timestamp: same records, same file
+    fig.savefig(out[0], dpi=120, bbox_inches="tight")  # the legend sits right of the panels
+    fig.savefig(out[1], bbox_inches="tight", metadata={"CreationDate": None})  # no timestamp: same file
     plt.close(fig)
     return out
 
@@ -427,6 +427,24 @@ def _panels(bench: Benchmark, axes: dict[str, list[str]], skip: str | None = Non
     """Panel axes (the columns and every row axis but the last, minus ``skip``) and their labels."""
     names = [a for a in bench.columns + bench.rows[:-1] if a != skip]
     return names, list(_product(axes, names)) or [{}]
+
+
+MARKERS = "osD^v<>pPX*h"
+
+
+def _style(i: int) -> dict[str, Any]:
+    """The i-th row label's colour and marker: 20 colours (tab20) and 12 markers, so up to 20 methods stay
+    apart in every plot and each keeps its look across the panels of one figure."""
+    import matplotlib
+
+    return {"color": matplotlib.colormaps["tab20"](i % 20), "marker": MARKERS[i % len(MARKERS)]}
+
+
+def _legend(fig: Any, panels: list[Any]) -> None:
+    """One legend for the figure, right of the panels (the methods are the same in every panel)."""
+    handles, labels = panels[0].get_legend_handles_labels() if panels else ([], [])
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
 
 
 def _method_cells(bench: Benchmark, axes: dict[str, list[str]], ok: pd.DataFrame, panel: dict):
@@ -451,7 +469,7 @@ def plot_rounds(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> 
     fig, panels = _figure(len(cols))
     ok = df[df["status"] == "ok"] if not df.empty else df
     for ax, cl in zip(panels, cols):
-        for rl, sub in _method_cells(bench, axes, ok, cl):
+        for i, (rl, sub) in enumerate(_method_cells(bench, axes, ok, cl)):
             curves = [c for c in sub["curve"] if c] if not sub.empty else []
             if not curves:
                 continue
@@ -459,16 +477,15 @@ def plot_rounds(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> 
             stacked = np.array([c[:length] for c in curves])
             mean, xs = stacked.mean(axis=0), np.arange(1, length + 1)
             label = display(_key(rl, bench.rows[-1:])) + (f" (n={len(curves)})" if len(curves) > 1 else "")
-            (line,) = ax.plot(xs, mean, marker="o", ms=3, label=label)
+            ax.plot(xs, mean, ms=3, label=label, **_style(i))
             if len(curves) > 1:
                 std = stacked.std(axis=0, ddof=1)
-                ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
+                ax.fill_between(xs, mean - std, mean + std, color=_style(i)["color"], alpha=0.12, linewidth=0)
         ax.set_title(_key(cl, names) if cl else bench.name, fontsize=9)
         ax.set_xlabel("round")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
-    if panels and panels[0].get_legend_handles_labels()[0]:
-        panels[0].legend(fontsize=7)
+    _legend(fig, panels)
     fig.suptitle(f"{bench.title} ({preset}; seed mean, band ± 1 std)", fontsize=10)
     return _save(fig, path)
 
@@ -481,7 +498,7 @@ def plot_x_axis(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> 
     fig, panels = _figure(len(panels_labels))
     ok = df[df["status"] == "ok"] if not df.empty else df
     for ax, pl in zip(panels, panels_labels):
-        for rl in _product(axes, bench.rows[-1:]):
+        for i, rl in enumerate(_product(axes, bench.rows[-1:])):
             xs, ys, es = [], [], []
             for x in axes.get(axis, []):
                 sub = _select(ok, {**rl, **pl, axis: x})
@@ -490,14 +507,12 @@ def plot_x_axis(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> 
                     ys.append(sub["accuracy"].mean())
                     es.append(sub["accuracy"].std(ddof=1) if len(sub) > 1 else 0.0)
             if xs:
-                ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2,
-                            label=display(_key(rl, bench.rows[-1:])))
+                ax.errorbar(xs, ys, yerr=es, ms=3, capsize=2, label=display(_key(rl, bench.rows[-1:])), **_style(i))
         ax.set_title(_key(pl, others) if pl else bench.name, fontsize=9)
         ax.set_xlabel(axis.replace("_", " "))
         ax.set_ylabel("final accuracy (%)")
         ax.grid(alpha=0.3)
-    if panels and panels[0].get_legend_handles_labels()[0]:
-        panels[0].legend(fontsize=7)
+    _legend(fig, panels)
     fig.suptitle(f"{bench.title} ({preset})", fontsize=10)
     return _save(fig, path)
 
@@ -509,18 +524,20 @@ def plot_communication(bench: Benchmark, preset: str, df: pd.DataFrame, path: Pa
     fig, panels = _figure(len(cols))
     ok = df[df["status"] == "ok"] if not df.empty else df
     for ax, cl in zip(panels, cols):
-        for rl, sub in _method_cells(bench, axes, ok, cl):
+        for i, (rl, sub) in enumerate(_method_cells(bench, axes, ok, cl)):
             if sub.empty:
                 continue
-            name = display(_key(rl, bench.rows[-1:]))
             x, y = sub["comm_mb"].mean(), sub["accuracy"].mean()
-            ax.scatter([x], [y], label=name)
-            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            err = sub["accuracy"].std(ddof=1) if len(sub) > 1 else 0.0
+            ax.errorbar([x], [y], yerr=[err], ms=5, capsize=2, linestyle="none",
+                        label=display(_key(rl, bench.rows[-1:])), **_style(i))
+        ax.set_xscale("log")  # methods differ by orders of magnitude in what they send
         ax.set_title(_key(cl, names) if cl else bench.name, fontsize=9)
-        ax.set_xlabel("MB per client per round (up + down)")
+        ax.set_xlabel("MB per client per round (up + down, log scale)")
         ax.set_ylabel("final accuracy (%)")
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{bench.title} ({preset})", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    _legend(fig, panels)
+    fig.suptitle(f"{bench.title} ({preset}; seed mean ± 1 std)", fontsize=10)
     return _save(fig, path)
 
 

@@ -116,7 +116,7 @@ def test_every_vision_benchmark_smoke_runs_a_vision_model():
         if "vision" not in name or not bench.runs_at("smoke"):
             continue
         runs = expand(bench, "smoke")
-        assert runs and all(model_kind(r.config.model) == "vision" for r in runs), name
+        assert runs and all(model_kind(r.config.model) == "image" for r in runs), name
 
 
 def test_progress_bars_count_rounds_from_one_and_name_their_units(capsys):
