@@ -27,7 +27,7 @@ sweep() {  # sweep OUT_DIR RESULTS_DIR
 }
 
 echo "kill drill: uninterrupted reference sweep"
-sweep "$work/reference" "$work/reference-results" > /dev/null 2>&1
+sweep "$work/reference" "$work/reference-results" > "$work/reference.log" 2>&1 || { tail -5 "$work/reference.log"; exit 1; }
 
 for delay in 5 7 9 11 13; do
   setsid "$ILORA" sweep "$work/drill.yaml" --preset smoke --jobs 2 --out-dir "$work/runs" \
@@ -36,7 +36,7 @@ for delay in 5 7 9 11 13; do
   sleep "$delay"
   kill -9 -- "-$leader" 2> /dev/null || true  # the sweep's whole process group: it and its workers
   wait "$leader" 2> /dev/null || true
-  done_runs=$(find "$work/runs" -name result.json 2> /dev/null | wc -l)
+  done_runs=$( (find "$work/runs" -name result.json 2> /dev/null || true) | wc -l)
   echo "kill drill: killed -9 after ${delay}s; ${done_runs} of 6 runs finished so far"
 done
 
