@@ -218,11 +218,11 @@ class Simulation:
         per_client = -(-examples // len(self.client_data))
         chunks = [{k: v[:per_client] for k, v in d.items()} for d in self.client_data]
         total = sum(len(c["labels"]) for c in chunks)
-        fed_layers = self.backbone.lora_layers
+        layers = self.backbone.lora_layers
         dtype = next(iter(self.backbone.head.values())).dtype
-        A = {n: torch.eye(l.in_features, device=self.device, dtype=dtype) for n, l in fed_layers.items()}
+        A = {n: torch.eye(l.in_features, device=self.device, dtype=dtype) for n, l in layers.items()}
         B = {n: torch.zeros(l.out_features, l.in_features, device=self.device, dtype=dtype)
-             for n, l in fed_layers.items()}
+             for n, l in layers.items()}
         head = {n: p.detach().clone() for n, p in self.backbone.head.items()}
         params = self.load(ClientModel(A=A, B=B, head=head, scale=1.0, train_A=False))
         self.backbone.module.eval()
@@ -231,7 +231,7 @@ class Simulation:
                 with self._autocast():
                     loss = F.cross_entropy(self.backbone(batch).float(), batch["labels"], reduction="sum") / total
                 loss.backward()
-        grads = {n: params[f"lora_B/{n}"].grad.detach().clone() for n in fed_layers}
+        grads = {n: params[f"lora_B/{n}"].grad.detach().clone() for n in layers}
         self.backbone.module.train()
         return grads
 
