@@ -95,6 +95,14 @@ class FedSB(Algorithm):
             self.has_factors.append(cid)
         return model.flat(factors=factors), model
 
+    def receive(self, cid: int, message: Message, round_index: int) -> ClientModel:
+        """The client keeps the fixed ``B``, ``A`` from its first download; ``R`` and the head come every round."""
+        state = self.client_state(cid)
+        if "A" not in state:
+            state["A"], state["B"] = message_part(message, "lora_A"), message_part(message, "lora_B")
+        return ClientModel(A=clone_tensors(state["A"]), B=clone_tensors(state["B"]), head=message_part(message, "head"),
+                           scale=1.0, train_A=False, train_B=False, R=message_part(message, "lora_R"))
+
     def upload(self, cid: int, trained: ClientModel) -> Message:
         return trained.flat(factors=("R",))
 

@@ -24,7 +24,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ilora.algorithm import ClientModel, CommContext, Message, register, unflatten, zero_padded_average
+from ilora.algorithm import (
+    ClientModel,
+    CommContext,
+    Message,
+    message_part,
+    register,
+    unflatten,
+    zero_padded_average,
+)
 from ilora.global_adapter import AdapterConfig, GlobalAdapterMethod
 from ilora.lowrank import concat_factors
 
@@ -66,6 +74,16 @@ class FedExLoRA(GlobalAdapterMethod):
             message.update({f"base/{n}": m for n, m in self.base_delta.items()})  # the base it has not merged
         self.seen[cid] = self.base_version
         return message, model
+
+    def receive(self, cid: int, message: Message, round_index: int) -> ClientModel:
+        """The client's base is the last one it received (the message carries it only when it changed)."""
+        state = self.client_state(cid)
+        base = message_part(message, "base")
+        if base:
+            state["base"] = base
+        model = super().receive(cid, message, round_index)
+        model.base_delta = state.get("base")
+        return model
 
     def combine(self, uploads: dict[int, Message], weights: dict[int, float]) -> tuple[dict, dict]:
         A_bar, B_bar = zero_padded_average(uploads, weights, self.fed.max_rank)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ilora.algorithm import ClientModel, CommContext, Message, MethodConfig, clone_tensors, register
+from ilora.algorithm import ClientModel, CommContext, Message, MethodConfig, clone_tensors, message_part, register
 from ilora.global_adapter import GlobalAdapterMethod
 from ilora.lowrank import cut_pair
 
@@ -53,6 +53,9 @@ class FedSALoRA(GlobalAdapterMethod):
         A, _ = cut_pair(self.A, self.B, self.fed.ranks[cid])
         model = self.personal_model(cid, A)
         return model.flat(factors=("A",), head=False), model
+
+    def receive(self, cid: int, message: Message, round_index: int) -> ClientModel:
+        return self.personal_model(cid, message_part(message, "lora_A"))
 
     def upload(self, cid: int, trained: ClientModel) -> Message:
         state = self.client_state(cid)

@@ -84,6 +84,29 @@ class FLoRA(Algorithm):
         )
         return self._download_message(cid), model
 
+    def receive(self, cid: int, message: Message, round_index: int) -> ClientModel:
+        """The client merges the stacks it missed into its own copy of the base, one round at a time in
+        order (as the server did), so that its base equals the server's bit for bit; a round's stack has
+        rank ``sum r_j`` over that round's sampled clients, which the run's sampling stream gives."""
+        state = self.client_state(cid)
+        A_msg, B_msg, head = unflatten(message)
+        merged, start = state.get("merged"), 0
+        dtype = torch.promote_types(self.fed.dtype, torch.float32)
+        for t in range(state.get("stacks", 0), round_index):
+            stack_rank = sum(self.fed.ranks[c] for c in self.fed.sampling[t])
+            rows = slice(start, start + stack_rank)
+            start += stack_rank
+            base = {} if merged is None or self.config.authors_merge else merged
+            merged = {}
+            for n in self.fed.layers:
+                B_t, A_t = B_msg[n][:, rows].contiguous(), A_msg[n][rows].contiguous()
+                merged[n] = base.get(n, 0) + B_t.to(dtype) @ A_t.to(dtype)
+        state["merged"], state["stacks"] = merged, round_index
+        r = self.fed.ranks[cid]
+        A, B = standard_lora_init(self.fed, self.fed.max_rank, salt=_INIT_SALT + round_index)
+        return ClientModel(A={n: a[:r].clone() for n, a in A.items()}, B={n: b[:, :r].clone() for n, b in B.items()},
+                           head=head, scale=self.fed.scale(r), base_delta=merged)
+
     def _download_message(self, cid: int) -> Message:
         """The stacks ``cid`` has not merged yet, concatenated (still a stack), plus the head."""
         missed = self.stacks[self.seen.get(cid, 0):]

@@ -77,6 +77,12 @@ class HetLoRA(GlobalAdapterMethod):
             self.client_state(cid)["score"] = float(self.tail_score(model.A, model.B, self.rank_of(cid)))
         return message, model
 
+    def receive(self, cid: int, message: Message, round_index: int) -> ClientModel:
+        model = super().receive(cid, message, round_index)
+        if self.config.prune:
+            self.client_state(cid)["score"] = float(self.tail_score(model.A, model.B, self.rank_of(cid)))
+        return model
+
     def local_loss(self, cid: int, params: Mapping[str, Tensor]) -> Tensor | None:
         if not self.config.prune or self.config.lam == 0:
             return None
@@ -98,6 +104,8 @@ class HetLoRA(GlobalAdapterMethod):
         """Per layer: zero-padded averages weighted by ``||B_i A_i||_F`` (data weights if all are zero)."""
         cids = list(uploads)
         parts = [unflatten(uploads[c]) for c in cids]
+        for c, p in zip(cids, parts):  # the server learns a client's pruned rank from its upload
+            self.client_state(c)["rank"] = next(iter(p[0].values())).shape[0]
         r_max = self.fed.max_rank
         A, B = {}, {}
         for n in self.fed.layers:

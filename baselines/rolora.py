@@ -49,6 +49,10 @@ class RoLoRA(GlobalAdapterMethod):
         model, send_head = self.client_model(cid)
         return model.flat(factors=("A", "B"), head=send_head), model
 
+    def receive(self, cid: int, message: Message, round_index: int) -> ClientModel:
+        self.round = round_index  # which factor this round trains (the server's count of aggregations)
+        return super().receive(cid, message, round_index)
+
     def combine(self, uploads: dict[int, Message], weights: dict[int, float]) -> tuple[dict, dict]:
         A_bar, B_bar = zero_padded_average(uploads, weights, self.fed.max_rank)
         trained_B = self.round % 2 == 0

@@ -183,6 +183,7 @@ class Federation:
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    sampling: list[list[int]] = field(default_factory=list)  # the pre-drawn sampled clients of every round
 
     @property
     def num_clients(self) -> int:
@@ -364,9 +365,10 @@ class Algorithm:
 
     Life cycle driven by the simulator, per round and per sampled client ``cid``:
     ``download(cid)`` -> (message counted downlink, model loaded and trained) ->
-    ``on_local_start`` / ``gradient_correction`` / ``on_local_end`` (optional) ->
+    ``on_local_start`` / ``gradient_correction`` / ``local_loss`` (optional) ->
     ``upload(cid, trained)`` (message counted uplink); then ``aggregate(uploads, weights)`` once,
-    and ``eval_model()`` for the global evaluation.
+    and ``eval_model()`` for the global evaluation. On Flower the client's part runs on a replica
+    that rebuilds the model from the message with ``receive`` (see there).
     """
 
     name: ClassVar[str] = "base"
@@ -422,6 +424,34 @@ class Algorithm:
 
     def upload(self, cid: int, trained: ClientModel) -> Message:
         return trained.flat()
+
+    # -- the client side in its own process (Flower) -------------------------------------------
+    # In-process, ``download`` hands the simulator the client's model directly. A client in another
+    # process has only the message, its own state and the run's static facts (config, seeds, W0):
+    # it runs a replica of the algorithm whose ``receive`` rebuilds the same model, and whose
+    # ``upload`` and training hooks update the client's own state. The server's object never sees
+    # that state; what it needs of it travels in the uploads.
+    def receive(self, cid: int, message: Message, round_index: int) -> ClientModel:
+        """Client side: the model client ``cid`` trains from in round ``round_index`` (0-based), rebuilt from
+        the downloaded ``message`` and what the client itself keeps; equal to the model ``download`` returned."""
+        raise NotImplementedError(f"method {self.name!r} does not implement receive(): it runs only in-process")
+
+    def client_side_state(self, cid: int) -> dict[str, Any]:
+        """Everything client ``cid`` keeps between rounds: its state and, if used, its control variate."""
+        state: dict[str, Any] = {"client": self.clients.get(cid)}
+        if self.control_variates is not None:
+            state["control_variate"] = self.control_variates.client_c.get(cid)
+        return state
+
+    def load_client_side_state(self, cid: int, state: Mapping[str, Any]) -> None:
+        """Restore what ``client_side_state`` returned (a replica serving one client at a time)."""
+        self.clients.pop(cid, None)
+        if state.get("client") is not None:
+            self.clients[cid] = state["client"]
+        if self.control_variates is not None:
+            self.control_variates.client_c.pop(cid, None)
+            if state.get("control_variate") is not None:
+                self.control_variates.client_c[cid] = state["control_variate"]
 
     # -- server side ---------------------------------------------------------------------------
     def aggregate(self, uploads: dict[int, Message], weights: dict[int, float]) -> None:

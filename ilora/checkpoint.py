@@ -66,6 +66,17 @@ def _unflatten(node: Any, tensors: dict[str, Tensor], device: torch.device) -> A
     return node["__value__"]
 
 
+def to_tensors(obj: Any, name: str = "state") -> tuple[Any, dict[str, Tensor]]:
+    """(JSON skeleton, flat tensors) of nested dicts / lists of tensors and plain values (no pickle)."""
+    tensors: dict[str, Tensor] = {}
+    return _flatten(obj, name, tensors), tensors
+
+
+def from_tensors(skeleton: Any, tensors: dict[str, Tensor], device: torch.device | str = "cpu") -> Any:
+    """The inverse of ``to_tensors``."""
+    return _unflatten(skeleton, tensors, torch.device(device))
+
+
 def algorithm_state(algo: Algorithm) -> tuple[Any, dict[str, Tensor]]:
     """(JSON skeleton, tensors) of everything an algorithm learned or keeps between rounds."""
     tensors: dict[str, Tensor] = {}

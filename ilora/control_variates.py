@@ -46,6 +46,7 @@ class ControlVariates:
         self.c = self.zeros(fed.max_rank, head)  # server control variate at r_max
         self.client_c: dict[int, Message] = {}  # c_i at r_i, created on first use
         self.pending: dict[int, Message] = {}  # c_i_new of the clients training this round
+        self.received: dict[int, Message] = {}  # a client replica's copy of c (cut), from its download
 
     def zeros(self, rank: int, head: Mapping[str, Tensor]) -> Message:
         """Zero tensors shaped like a rank-``rank`` client's trained tensors (flat names)."""
@@ -71,6 +72,10 @@ class ControlVariates:
         r = self.fed.ranks[cid]
         return {CV_PREFIX + k: cut_flat(k, v, r) for k, v in self.c.items()}
 
+    def receive(self, cid: int, message: Message) -> None:
+        """Client replica: keep the ``c`` (cut to the client's rank) that came with the download."""
+        self.received[cid] = {k[len(CV_PREFIX):]: v for k, v in message.items() if k.startswith(CV_PREFIX)}
+
     def local_start(self, cid: int, full_gradient: Callable[..., Gradients]) -> None:
         """``c_i_new``: the full local gradient at the received model (by ``estimator``)."""
         old = self.client(cid)
@@ -82,7 +87,8 @@ class ControlVariates:
         """``c - c_i`` (``c`` cut to the client's rank), added to every local gradient."""
         r = self.fed.ranks[cid]
         c_i = self.client(cid)
-        return {k: cut_flat(k, self.c[k], r) - c_i[k] for k in c_i}
+        c = self.received.pop(cid, None)  # on a client replica, else the server's own (in-process)
+        return {k: (c[k] if c is not None else cut_flat(k, self.c[k], r)) - c_i[k] for k in c_i}
 
     def upload(self, cid: int) -> Message:
         """``dc_i = c_i_new - c_i`` under ``cv/`` names; the client keeps ``c_i_new``."""

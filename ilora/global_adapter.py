@@ -35,6 +35,7 @@ from ilora.algorithm import (
     MethodConfig,
     clone_tensors,
     standard_lora_init,
+    unflatten,
     zero_padded_average,
 )
 from ilora.control_variates import attach, without_control_variates
@@ -140,6 +141,20 @@ class GlobalAdapterMethod(Algorithm):
         if self.control_variates is not None:
             message.update(self.control_variates.download(cid))
         return message, model
+
+    def receive(self, cid: int, message: Message, round_index: int) -> ClientModel:
+        """The client's model from the message: the factors and head it carries; a factor that does not
+        travel (e.g. FFA-LoRA's frozen ``A``) is the client's own copy, which never changes."""
+        if getattr(self.config, "authors_merged_base", False):
+            raise ValueError("authors_merged_base runs only in-process: its clients load the server's dense merged "
+                             "checkpoint, which no message carries")
+        model, _ = self.client_model(cid)
+        A, B, head = unflatten(message)
+        model.A, model.B = A or model.A, B or model.B
+        model.head = head or model.head
+        if self.control_variates is not None:
+            self.control_variates.receive(cid, message)
+        return model
 
     def upload(self, cid: int, trained: ClientModel) -> Message:
         message = trained.flat(factors=self.trained_factors)

@@ -135,6 +135,7 @@ def setup(cfg: RunConfig) -> tuple[Simulation, dict[str, Any]]:
     test = cached_encode(backbone.encode, data.test, preprocessing_key(cfg, "test"))
     test = {k: v.to(device) for k, v in test.items()}
 
+    sampling = client_sampling_stream(cfg.num_clients, cfg.participation, cfg.rounds, seeds["sampling"])
     fed = Federation(
         layers={n: LayerSpec(l.out_features, l.in_features) for n, l in backbone.lora_layers.items()},
         ranks=list(cfg.ranks),
@@ -145,9 +146,9 @@ def setup(cfg: RunConfig) -> tuple[Simulation, dict[str, Any]]:
         rslora=cfg.rslora,
         seed=seeds["algorithm"],
         device=device,
+        sampling=sampling,
     )
     algorithm = get_algorithm(cfg.method)(fed, method_options(cfg))
-    sampling = client_sampling_stream(cfg.num_clients, cfg.participation, cfg.rounds, seeds["sampling"])
     sim = Simulation(algorithm, backbone, client_data, test, cfg, sampling, seeds["training"], device)
     facts = {
         "partition_hash": spec.key(cfg.dataset, "train", data.train.labels),
