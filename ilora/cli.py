@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ilora.errors import UserError  # importing ilora sets the OpenMP defaults before torch (ilora/__init__.py)
+# importing ilora sets the OpenMP defaults before torch (ilora/__init__.py)
+from ilora.errors import RunInterrupted, UserError
 
 
 def _quiet_libraries() -> None:
@@ -42,7 +43,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     tracker = create_tracker(cfg, run_id_for(cfg))
     record = None
     try:
-        record = run_experiment(cfg, tracker=tracker)
+        if cfg.engine == "flower":
+            from ilora.flower.simulation import run_on_flower
+
+            record = run_on_flower(cfg, tracker=tracker)
+        else:
+            record = run_experiment(cfg, tracker=tracker)
     finally:
         tracker.finish(record)
     rounds = record["rounds"]
@@ -57,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(
             f"{cfg.method} on {cfg.dataset}/{cfg.model}: final accuracy {last['accuracy']:.4f} "
             f"(best {record['best_accuracy']:.4f}), {len(rounds)} rounds in {wall:.1f}s, "
-            f"{100 * (1 - compute / wall):.1f}% outside forward/backward/optimizer steps",
+            f"{max(0.0, 100 * (1 - compute / wall)):.1f}% outside forward/backward/optimizer steps",
             file=sys.stderr,
         )
     print(f"results record: {path}", file=sys.stderr)
@@ -271,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -74,11 +74,18 @@ class RunConfig:
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "ilora-bench"
     wandb_group: str | None = None
+    # engine: the in-process simulator, or Flower's simulation engine (docs/flower.md)
+    engine: str = "inprocess"  # inprocess | flower
+    flower_client_cpus: float = 1.0  # CPUs Flower reserves per client (how many clients train at once)
+    flower_client_gpus: float = 0.0  # GPUs per client (a fraction shares one GPU)
+    flower_timeout: float = 600.0  # seconds the server waits for a round's replies
+    flower_min_clients: int | None = None  # a round proceeds with this many replies; None: all sampled clients
 
 
 PUBLIC_KEYS = list(RunConfig.__dataclass_fields__)
 OPTIMIZERS = ("sgd", "adamw")
 WANDB_MODES = ("disabled", "offline", "online")
+ENGINES = ("inprocess", "flower")
 
 
 def available_presets() -> list[str]:
@@ -169,6 +176,7 @@ def validate(cfg: RunConfig) -> None:
     choose("optimizer", cfg.optimizer, OPTIMIZERS)
     choose("partition", cfg.partition, ("dirichlet", "iid", "pathological"))
     choose("wandb", cfg.wandb, WANDB_MODES)
+    choose("engine", cfg.engine, ENGINES)
     if cfg.num_clients < 1:
         raise ConfigError(f"num_clients must be at least 1, got {cfg.num_clients}")
     if len(cfg.ranks) != cfg.num_clients:
@@ -204,6 +212,13 @@ def validate(cfg: RunConfig) -> None:
     if cfg.momentum < 0 or cfg.weight_decay < 0 or (cfg.grad_clip is not None and cfg.grad_clip <= 0):
         raise ConfigError("momentum and weight_decay must be non-negative and grad_clip positive or null, "
                           f"got {cfg.momentum}, {cfg.weight_decay}, {cfg.grad_clip}")
+    if cfg.flower_client_cpus <= 0 or cfg.flower_client_gpus < 0 or cfg.flower_timeout <= 0:
+        raise ConfigError("flower_client_cpus and flower_timeout must be positive and flower_client_gpus non-negative, "
+                          f"got {cfg.flower_client_cpus}, {cfg.flower_timeout}, {cfg.flower_client_gpus}")
+    if cfg.flower_min_clients is not None and cfg.flower_min_clients < 1:
+        raise ConfigError(f"flower_min_clients must be a positive integer or null, got {cfg.flower_min_clients}")
+    if cfg.engine == "flower":
+        check_flower()
     check_writable_dir("out_dir", cfg.out_dir)
     check_device(cfg.device)
     if cfg.wandb == "online":
@@ -221,6 +236,14 @@ def check_writable_dir(key: str, path: str) -> None:
         raise ConfigError(f"{key} {path!r} is not a directory ({probe} is a file)")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"{key} {path!r} is not writable")
+
+
+def check_flower() -> None:
+    from importlib.util import find_spec
+
+    if find_spec("flwr") is None or find_spec("ray") is None:
+        raise ConfigError("engine 'flower' needs the flower extra (flwr with its simulation engine): "
+                          "pip install -e '.[flower]' (make install does)")
 
 
 def check_device(device: str) -> None:
@@ -264,6 +287,7 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 # Keys that do not change what a run computes: left out of its identity.
 _NOT_IDENTITY = {
     "out_dir", "run_id", "progress", "wandb", "wandb_project", "wandb_group", "device", "preset", "threads",
+    "engine", "flower_client_cpus", "flower_client_gpus", "flower_timeout", "flower_min_clients",
 }
 
 

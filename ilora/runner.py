@@ -14,22 +14,23 @@ import subprocess
 import sys
 import tempfile
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from ilora.algorithm import Federation, LayerSpec, get_algorithm
+from ilora.algorithm import Algorithm, Federation, LayerSpec, get_algorithm
 from ilora.checkpoint import load_checkpoint, save_checkpoint
 from ilora.config import RunConfig, config_hash, method_options, to_dict
 from ilora.data import DataOptions, load_dataset
 from ilora.data.cache import cached_encode, preprocessing_key
 from ilora.data.partition import PartitionSpec, cached_partition
-from ilora.errors import UserError
-from ilora.models import ModelOptions, build_model, dataset_model_check
+from ilora.errors import RunInterrupted, UserError
+from ilora.models import Backbone, ModelOptions, build_model, dataset_model_check
 from ilora.simulation import RoundRecord, Simulation, client_sampling_stream
 
 
@@ -107,8 +108,72 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def setup(cfg: RunConfig) -> tuple[Simulation, dict[str, Any]]:
-    """Data, partition, backbone, algorithm and simulator for ``cfg``; plus facts for the record."""
+@dataclass
+class RunParts:
+    """What every process of a run builds the same way from its config: data, partition, backbone."""
+
+    cfg: RunConfig
+    device: torch.device
+    seeds: dict[str, int]
+    data: Any  # the dataset's train / test splits
+    spec: PartitionSpec
+    parts: list[np.ndarray]  # each client's training example indices
+    backbone: Backbone
+    sampling: list[list[int]]
+
+    _train: dict[str, Tensor] | None = None
+
+    def client_data(self, cid: int) -> dict[str, Tensor]:
+        """Client ``cid``'s encoded training examples, on the device."""
+        if self._train is None:
+            self._train = cached_encode(self.backbone.encode, self.data.train, preprocessing_key(self.cfg, "train"))
+        return {k: v[torch.from_numpy(self.parts[cid])].to(self.device) for k, v in self._train.items()}
+
+    def test_data(self) -> dict[str, Tensor]:
+        test = cached_encode(self.backbone.encode, self.data.test, preprocessing_key(self.cfg, "test"))
+        return {k: v.to(self.device) for k, v in test.items()}
+
+    def algorithm(self) -> Algorithm:
+        """A fresh algorithm object (on Flower also each client's replica: the same construction)."""
+        backbone, cfg = self.backbone, self.cfg
+        fed = Federation(
+            layers={n: LayerSpec(l.out_features, l.in_features) for n, l in backbone.lora_layers.items()},
+            ranks=list(cfg.ranks),
+            num_examples=[len(p) for p in self.parts],
+            head_init={n: p.detach().clone() for n, p in backbone.head.items()},
+            pretrained_weights=lambda: {n: l.pretrained_weight.detach() for n, l in backbone.lora_layers.items()},
+            lora_alpha=cfg.lora_alpha,
+            rslora=cfg.rslora,
+            seed=self.seeds["algorithm"],
+            device=self.device,
+            sampling=self.sampling,
+        )
+        return get_algorithm(cfg.method)(fed, method_options(cfg))
+
+    def simulation(self, algorithm: Algorithm, client_data: Any, test: dict[str, Tensor]) -> Simulation:
+        return Simulation(algorithm, self.backbone, client_data, test, self.cfg, self.sampling, self.seeds["training"],
+                          self.device)
+
+    def facts(self, algorithm: Algorithm) -> dict[str, Any]:
+        """What the record says about the run's data, device and method options."""
+        device = self.device
+        return {
+            "partition_hash": self.spec.key(self.cfg.dataset, "train", self.data.train.labels),
+            "client_sizes": [len(p) for p in self.parts],
+            "num_train": len(self.data.train),
+            "num_test": len(self.data.test),
+            "num_classes": self.data.num_classes,
+            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+            "method_options": dataclasses.asdict(algorithm.config),
+            "evaluation": (
+                "personalised: mean over clients of each client's own model's accuracy on the global test set"
+                if algorithm.info.personalised else "global model on the global test set"
+            ),
+        }
+
+
+def build_parts(cfg: RunConfig) -> RunParts:
+    """Load the data, partition it and build the backbone for ``cfg`` (seeded: the same in every process)."""
     device = resolve_device(cfg.device)
     seeds = derive_seeds(cfg.seed)
     dataset_model_check(cfg.dataset, cfg.model)
@@ -130,40 +195,16 @@ def setup(cfg: RunConfig) -> tuple[Simulation, dict[str, Any]]:
         ),
     ).to(device)
     backbone.module.backbone_dropout = cfg.backbone_dropout
-    train = cached_encode(backbone.encode, data.train, preprocessing_key(cfg, "train"))
-    client_data = [{k: v[torch.from_numpy(idx)].to(device) for k, v in train.items()} for idx in parts]
-    test = cached_encode(backbone.encode, data.test, preprocessing_key(cfg, "test"))
-    test = {k: v.to(device) for k, v in test.items()}
-
     sampling = client_sampling_stream(cfg.num_clients, cfg.participation, cfg.rounds, seeds["sampling"])
-    fed = Federation(
-        layers={n: LayerSpec(l.out_features, l.in_features) for n, l in backbone.lora_layers.items()},
-        ranks=list(cfg.ranks),
-        num_examples=[len(p) for p in parts],
-        head_init={n: p.detach().clone() for n, p in backbone.head.items()},
-        pretrained_weights=lambda: {n: l.pretrained_weight.detach() for n, l in backbone.lora_layers.items()},
-        lora_alpha=cfg.lora_alpha,
-        rslora=cfg.rslora,
-        seed=seeds["algorithm"],
-        device=device,
-        sampling=sampling,
-    )
-    algorithm = get_algorithm(cfg.method)(fed, method_options(cfg))
-    sim = Simulation(algorithm, backbone, client_data, test, cfg, sampling, seeds["training"], device)
-    facts = {
-        "partition_hash": spec.key(cfg.dataset, "train", data.train.labels),
-        "client_sizes": [len(p) for p in parts],
-        "num_train": len(data.train),
-        "num_test": len(data.test),
-        "num_classes": data.num_classes,
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "method_options": dataclasses.asdict(algorithm.config),
-        "evaluation": (
-            "personalised: mean over clients of each client's own model's accuracy on the global test set"
-            if algorithm.info.personalised else "global model on the global test set"
-        ),
-    }
-    return sim, facts
+    return RunParts(cfg, device, seeds, data, spec, parts, backbone, sampling)
+
+
+def setup(cfg: RunConfig) -> tuple[Simulation, dict[str, Any]]:
+    """Data, partition, backbone, algorithm and simulator for ``cfg``; plus facts for the record."""
+    parts = build_parts(cfg)
+    algorithm = parts.algorithm()
+    client_data = [parts.client_data(cid) for cid in range(cfg.num_clients)]
+    return parts.simulation(algorithm, client_data, parts.test_data()), parts.facts(algorithm)
 
 
 def new_record(cfg: RunConfig, started: str) -> dict[str, Any]:
@@ -186,35 +227,42 @@ def new_record(cfg: RunConfig, started: str) -> dict[str, Any]:
     }
 
 
-def run_experiment(cfg: RunConfig, tracker: Any = None) -> dict[str, Any]:
-    """Run ``cfg`` and write its results record; user errors propagate before anything is written."""
+def run_experiment(cfg: RunConfig, tracker: Any = None, build: Any = None, engine: str = "inprocess") -> dict[str, Any]:
+    """Run ``cfg`` and write its results record; user errors propagate before anything is written.
+
+    ``build(cfg) -> (loop, facts)`` makes the round loop (default: the in-process ``Simulation``;
+    ``ilora.flower`` passes its server); ``engine`` is recorded, and keys the checkpoints."""
     run_dir = Path(cfg.out_dir) / run_id_for(cfg)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     threads = resolve_threads(cfg.threads)
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
-    sim, facts = setup(cfg)  # UserError here: nothing written
+    sim, facts = (build or setup)(cfg)  # UserError here: nothing written
     record = new_record(cfg, started)
+    record["engine"] = engine
     record.update(facts)
     record["threads"] = threads
     record["versions"] = versions()
 
     checkpoint_dir = run_dir / "checkpoint"
-    record["rounds"] = load_checkpoint(checkpoint_dir, sim.algorithm, record["config_hash"])
+    # a checkpoint holds the server's state; in-process that includes every client's, on Flower it does not
+    checkpoint_key = record["config_hash"] + ("" if engine == "inprocess" else f"-{engine.split('-')[0]}")
+    record["rounds"] = load_checkpoint(checkpoint_dir, sim.algorithm, checkpoint_key)
     if record["rounds"]:
         print(f"resuming {record['run_id']} after round {len(record['rounds'])}", file=sys.stderr)
 
     def on_round(r: RoundRecord) -> None:
         row = {**asdict(r), "overhead_share": r.overhead_share}
+        row.update(row.pop("extra"))
         record["rounds"].append(row)
         if r.round < cfg.rounds:
-            save_checkpoint(checkpoint_dir, sim.algorithm, record["rounds"], record["config_hash"])
+            save_checkpoint(checkpoint_dir, sim.algorithm, record["rounds"], checkpoint_key)
         if tracker is not None:
             tracker.log_round(row)
 
     try:
         sim.run(start_round=len(record["rounds"]), on_round=on_round)
-    except UserError:
+    except (UserError, RunInterrupted):
         raise
     except Exception as exc:  # a crash mid-run is recorded, not hidden
         record["status"] = "failed"

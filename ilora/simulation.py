@@ -40,6 +40,7 @@ class RoundRecord:
     wall_s: float
     first_step_update: float = float("nan")  # mean over clients of ||s B A change|| from the first local step
     client_accuracy: list[float] = field(default_factory=list)  # personalised methods: each client's own model
+    extra: dict = field(default_factory=dict)  # an engine's own facts (Flower: bytes as transmitted), flattened
 
     @property
     def overhead_share(self) -> float:
@@ -69,6 +70,11 @@ class Simulation:
         self._cuda = self.device.type == "cuda"
         self._compute_s = 0.0
         self._test = sorted_by_length(self.test_data)
+
+    @property
+    def compute_s(self) -> float:
+        """Seconds of forward/backward/optimiser steps and evaluation forwards since the round began."""
+        return self._compute_s
 
     # ---------------------------------------------------------------------------- the round loop
     def run(self, start_round: int = 0, on_round: Callable[[RoundRecord], None] | None = None) -> list[RoundRecord]:
@@ -135,6 +141,7 @@ class Simulation:
         module.train()
         trainable = [p for p in params.values() if p.requires_grad]
         optimizer = make_optimizer(cfg, trainable)
+        optimizer.zero_grad(set_to_none=True)  # nothing left over from earlier work on the shared backbone
 
         algo.on_local_start(cid, lambda **how: self.full_gradient(data, params, **how))
         correction = algo.gradient_correction(cid)
@@ -211,13 +218,23 @@ class Simulation:
         """``dL/dW`` at ``W0`` for every adapted layer (``d x k``), ``L`` the mean loss over ``examples``
         training examples: the first ``ceil(examples / N)`` of each of the ``N`` clients, model in eval mode.
 
+        Each client's batches give their parts (``weight_gradient_parts``), summed in client and batch order
+        (as the gradients would accumulate; on Flower the clients compute their parts, the server sums).
+        """
+        per_client = -(-examples // len(self.client_data))
+        total = sum(min(per_client, len(d["labels"])) for d in self.client_data)
+        parts = [g for cid in range(len(self.client_data)) for g in self.weight_gradient_parts(cid, per_client, total)]
+        return sum_in_order(parts)
+
+    def weight_gradient_parts(self, cid: int, per_client: int, total: int) -> list[dict[str, Tensor]]:
+        """Per batch of client ``cid``'s first ``per_client`` examples: the gradient at ``W0`` of the batch's
+        summed loss divided by ``total``, for every adapted layer.
+
         Computed through the LoRA path: with ``A = I_k``, ``B = 0`` and scale 1 the layer is ``W0`` and
         the gradient of ``B`` is the gradient of ``W``; so every layer type (linear, 1x1 conv, fused qkv
         slice) is covered without touching the frozen weights.
         """
-        per_client = -(-examples // len(self.client_data))
-        chunks = [{k: v[:per_client] for k, v in d.items()} for d in self.client_data]
-        total = sum(len(c["labels"]) for c in chunks)
+        chunk = {k: v[:per_client] for k, v in self.client_data[cid].items()}
         layers = self.backbone.lora_layers
         dtype = next(iter(self.backbone.head.values())).dtype
         A = {n: torch.eye(l.in_features, device=self.device, dtype=dtype) for n, l in layers.items()}
@@ -226,14 +243,18 @@ class Simulation:
         head = {n: p.detach().clone() for n, p in self.backbone.head.items()}
         params = self.load(ClientModel(A=A, B=B, head=head, scale=1.0, train_A=False))
         self.backbone.module.eval()
-        for chunk in chunks:
-            for batch in self._batches(chunk, self.config.batch_size, None, 1, None):
-                with self._autocast():
-                    loss = F.cross_entropy(self.backbone(batch).float(), batch["labels"], reduction="sum") / total
-                loss.backward()
-        grads = {n: params[f"lora_B/{n}"].grad.detach().clone() for n in layers}
+        parts = []
+        for batch in self._batches(chunk, self.config.batch_size, None, 1, None):
+            for p in params.values():
+                p.grad = None
+            with self._autocast():
+                loss = F.cross_entropy(self.backbone(batch).float(), batch["labels"], reduction="sum") / total
+            loss.backward()
+            parts.append({n: params[f"lora_B/{n}"].grad.detach().clone() for n in layers})
+        for p in params.values():
+            p.grad = None
         self.backbone.module.train()
-        return grads
+        return parts
 
     # ---------------------------------------------------------------------------- evaluation
     def evaluate_round(self) -> tuple[float, float, list[float]]:
@@ -297,6 +318,15 @@ class Simulation:
         if self._cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
+
+
+def sum_in_order(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Key-wise ``((p_0 + p_1) + p_2) + ...``: the order in which gradients accumulate."""
+    total = {k: v.clone() for k, v in parts[0].items()}
+    for part in parts[1:]:
+        for k, v in part.items():
+            total[k] = total[k] + v
+    return total
 
 
 def sorted_by_length(data: Batch) -> Batch:
