@@ -89,12 +89,17 @@ class LoRALinear(nn.Module):
                 f"{self.out_features}x{self.in_features} layer"
             )
         w = self.base.weight
-        self.lora_A = nn.Parameter(A.detach().to(w.device, w.dtype).clone(), requires_grad=train_A)
-        self.lora_B = nn.Parameter(B.detach().to(w.device, w.dtype).clone(), requires_grad=train_B)
+        # row-major copies whatever the source's layout (an aggregate may hand over a transposed view): the
+        # matrix products then take the same path as for factors that arrived over a wire, bit for bit
+        contiguous = torch.contiguous_format
+        self.lora_A = nn.Parameter(A.detach().to(w.device, w.dtype).clone(memory_format=contiguous),
+                                   requires_grad=train_A)
+        self.lora_B = nn.Parameter(B.detach().to(w.device, w.dtype).clone(memory_format=contiguous),
+                                   requires_grad=train_B)
         if R is not None and R.shape != (A.shape[0], A.shape[0]):
             raise ValueError(f"middle factor R{tuple(R.shape)} does not fit rank {A.shape[0]}")
-        self.lora_R = None if R is None else nn.Parameter(R.detach().to(w.device, w.dtype).clone(),
-                                                           requires_grad=train_R)
+        self.lora_R = None if R is None else nn.Parameter(
+            R.detach().to(w.device, w.dtype).clone(memory_format=contiguous), requires_grad=train_R)
         self.scaling = lora_scale(self.alpha, A.shape[0], self.rslora) if scale is None else float(scale)
         if offset is not None:
             A0, B0, s0 = offset

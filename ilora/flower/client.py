@@ -127,7 +127,7 @@ def handle_query(cfg: RunConfig, msg: Message, context: Context) -> Message:
     if what == "weight_gradient":
         q = msg.content.config_records["query"]
         sim = side.simulation(cid)
-        per_batch = sim.weight_gradient_parts(int(q["per_client"]), int(q["total"]))
+        per_batch = sim.weight_gradient_parts(cid, int(q["per_client"]), int(q["total"]))
         arrays = {f"{i}/{name}": g for i, batch in enumerate(per_batch) for name, g in batch.items()}
         return Message(RecordDict({"gradient": to_array_record(arrays)}), reply_to=msg)
     if what == "evaluate":

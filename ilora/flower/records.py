@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.app.message.arraychunk import ArrayChunk
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.app.message.message import remove_content_from_message
+from flwr.common.serde import message_to_proto
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 from torch import Tensor
 
 from ilora.checkpoint import from_tensors, to_tensors
@@ -43,11 +45,13 @@ def payload_bytes(record: ArrayRecord) -> int:
 
 
 def transmitted_bytes(message: Message) -> tuple[int, int]:
-    """``(total, array data)`` bytes Flower serialises for ``message``: its content-addressed objects
-    (message, records, arrays, array chunks) as it pushes them to the SuperLink, identical objects once
-    (so a message with several equal tensors, e.g. zero-initialised ``B``, sends their data once);
-    ``array data`` is the chunks' bodies (the tensors as ``.npy``), the rest is Flower's framing."""
-    total = data = 0
+    """``(total, array data)`` bytes one hop of ``message`` moves (protobuf over HTTP, uncompressed; HTTP
+    headers not counted): the message's envelope (its metadata and object tree) plus every object of
+    the tree (message, records, arrays, array chunks) as pushed, identical objects once (so a message
+    with several equal tensors, e.g. zero-initialised ``B``, carries their data once). ``array data``
+    is the chunks' bodies (the tensors as ``.npy``); the rest is Flower's framing."""
+    envelope = len(message_to_proto(remove_content_from_message(message)).SerializeToString())
+    total, data = envelope + get_object_tree(message).ByteSize(), 0
     for obj in get_all_nested_objects(message).values():
         total += len(obj.deflate())
         if isinstance(obj, ArrayChunk):
