@@ -172,10 +172,8 @@ class RunParts:
         }
 
 
-def build_parts(cfg: RunConfig) -> RunParts:
-    """Load the data, partition it and build the backbone for ``cfg`` (seeded: the same in every process)."""
-    device = resolve_device(cfg.device)
-    seeds = derive_seeds(cfg.seed)
+def build_partition(cfg: RunConfig) -> tuple[Any, PartitionSpec, list[np.ndarray]]:
+    """The dataset's splits and every client's training example indices for ``cfg`` (no model)."""
     dataset_model_check(cfg.dataset, cfg.model)
     data = load_dataset(
         cfg.dataset,
@@ -183,9 +181,16 @@ def build_parts(cfg: RunConfig) -> RunParts:
     )
     spec = PartitionSpec(
         cfg.partition, cfg.num_clients, cfg.dirichlet_alpha, cfg.min_partition_size, cfg.classes_per_client,
-        seeds["partition"],
+        derive_seeds(cfg.seed)["partition"],
     )
-    parts = cached_partition(data.train.labels, spec, cfg.dataset)
+    return data, spec, cached_partition(data.train.labels, spec, cfg.dataset)
+
+
+def build_parts(cfg: RunConfig) -> RunParts:
+    """Load the data, partition it and build the backbone for ``cfg`` (seeded: the same in every process)."""
+    device = resolve_device(cfg.device)
+    seeds = derive_seeds(cfg.seed)
+    data, spec, parts = build_partition(cfg)
     backbone = build_model(
         cfg.model,
         ModelOptions(

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from ilora.checkpoint import from_tensors, to_tensors
 from ilora.config import RunConfig, config_hash
 from ilora.flower.records import from_array_record, state_from_records, state_records, to_array_record
-from ilora.runner import RunParts, build_parts, resolve_threads, run_id_for
+from ilora.runner import RunParts, build_partition, build_parts, resolve_threads, run_id_for
 
 STATE_KEY = "ilora.client"  # the record names of a client's state in context.state
 STATE_VERSIONS_KEPT = 2  # on disk: the state after the client's last round and the one before it
@@ -118,12 +118,12 @@ def handle_query(cfg: RunConfig, msg: Message, context: Context) -> Message:
     """``hello``: which client this node serves and how many examples it holds; ``weight_gradient``:
     its share of the gradient at ``W0`` (Fed-SB's initialisation); ``evaluate``: a personalised
     method's own model of this client on the global test set."""
-    side = client_side(cfg)
     cid = partition_id(context, cfg.num_clients)
     what = str(msg.content.config_records["query"]["what"])
-    if what == "hello":
-        metrics = {"partition_id": cid, "num_examples": len(side.parts.parts[cid])}
+    if what == "hello":  # the partition only: no model to build
+        metrics = {"partition_id": cid, "num_examples": len(build_partition(cfg)[2][cid])}
         return Message(RecordDict({"hello": MetricRecord(metrics)}), reply_to=msg)
+    side = client_side(cfg)
     if what == "weight_gradient":
         q = msg.content.config_records["query"]
         sim = side.simulation(cid)
