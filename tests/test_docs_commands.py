@@ -45,7 +45,8 @@ def at_smoke(command: str) -> list[list[str]]:
         recipe = subprocess.run(["make", "-s", "-n", *targets, "PRESET=smoke", "JOBS=2", *variables], cwd=ROOT,
                                 capture_output=True, text=True, check=True).stdout
         lines = [re.sub(r"^(\w+=\S+\s+)*", "", line).strip() for line in recipe.splitlines() if "ilora" in line]
-        return [ILORA + shlex.split(line)[1:] for line in lines]
+        return [[sys.executable, *shlex.split(line)[1:]] if " -m ilora." in line else ILORA + shlex.split(line)[1:]
+                for line in lines]
     args = words[1:]
     args = [re.sub(r"^preset=(cpu|paper)$", "preset=smoke", a) for a in args]
     for i, a in enumerate(args):

@@ -9,6 +9,7 @@ same apps around an already resolved config (``make_server_app`` / ``make_client
 from __future__ import annotations
 
 import shlex
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,8 @@ def make_server_app(cfg: RunConfig | None = None, engine: str = "flower-app", tr
             return server, parts.facts(server.algorithm)
 
         record = run_experiment(run_cfg, tracker, build=build, engine=engine)
+        if record["status"] == "ok":  # the clients' default state dirs (on this machine when the nodes are)
+            shutil.rmtree(Path(run_cfg.out_dir) / run_id_for(run_cfg) / "flower-clients", ignore_errors=True)
         print(f"results record: {Path(run_cfg.out_dir) / run_id_for(run_cfg) / 'result.json'} "
               f"(status {record['status']}, final accuracy {record['final_accuracy']})")
         if results is not None:

@@ -73,9 +73,11 @@ def partition_id(context: Context, num_clients: int) -> int:
 
 # ------------------------------------------------------------------------------------------- state
 def state_dir(cfg: RunConfig, context: Context, cid: int) -> Path:
-    """Where this client keeps its state on disk: the node config's ``state-dir``, else under the run's directory."""
-    root = context.node_config.get("state-dir") or Path(cfg.out_dir) / run_id_for(cfg) / "flower-clients"
-    return Path(str(root)) / f"client-{cid}"
+    """Where this client keeps its state on disk: ``<state-dir>/<run id>/client-<i>`` with the node config's
+    ``state-dir``, else ``<out_dir>/<run id>/flower-clients/client-<i>`` (removed when the run is complete)."""
+    if context.node_config.get("state-dir"):
+        return Path(str(context.node_config["state-dir"])) / run_id_for(cfg) / f"client-{cid}"
+    return Path(cfg.out_dir) / run_id_for(cfg) / "flower-clients" / f"client-{cid}"
 
 
 def save_state(cfg: RunConfig, context: Context, cid: int, state: Any, round_index: int) -> None:

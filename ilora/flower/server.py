@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
 from ilora.algorithm import message_bytes
+from ilora.config import check_splits
 from ilora.errors import RunInterrupted
 from ilora.flower.records import from_array_record, to_array_record, transmitted_bytes
 from ilora.runner import RunParts
@@ -34,6 +35,7 @@ class FlowerServer:
 
     def __init__(self, parts: RunParts, grid: Grid, engine: str):
         self.cfg, self.parts, self.grid, self.engine = parts.cfg, parts, grid, engine
+        check_splits(self.cfg)  # also when the config came through flwr run
         self.algorithm = parts.algorithm()
         self.evaluator = parts.simulation(self.algorithm, [], parts.test_data())  # the global test set
         self.nodes: dict[int, int] = {}  # client id -> node id
