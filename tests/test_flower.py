@@ -9,6 +9,7 @@ by (run seed, round, client) and uses one thread in both, so parallel Ray worker
 from __future__ import annotations
 
 import importlib.util
+from types import SimpleNamespace
 
 import pytest
 
@@ -41,3 +42,49 @@ def test_flower_simulation_equals_in_process(method, tmp_path):
         assert theirs["flower_uplink_framing_bytes"] > 0 and theirs["flower_downlink_framing_bytes"] > 0
         assert theirs["flower_uplink_bytes"] > theirs["uplink_bytes"]
     assert not (tmp_path / "flower" / flower["run_id"] / "checkpoint").exists()
+
+
+# ------------------------------------------------------------------------------------------- faults
+class _Grid:
+    """Answers client 0, reports client 1 failed, and never answers client 2."""
+
+    def send_and_receive(self, messages, timeout=None):
+        def reply(m, error=None):
+            return SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=m.metadata.message_id),
+                                   has_error=lambda: error is not None, error=SimpleNamespace(reason=error))
+        return [reply(messages[0]), reply(messages[1], "Traceback ...\nValueError: out of memory")]
+
+
+def _server(min_clients):
+    from ilora.flower.server import FlowerServer
+
+    server = FlowerServer.__new__(FlowerServer)  # only what exchange() reads
+    server.cfg = SimpleNamespace(flower_timeout=5.0, flower_min_clients=min_clients)
+    server.grid = _Grid()
+    return server
+
+
+def _messages():
+    return {c: SimpleNamespace(metadata=SimpleNamespace(message_id=f"m{c}")) for c in range(3)}
+
+
+def test_a_failed_or_silent_client_ends_the_round_with_one_error_naming_both():
+    from ilora.errors import RunInterrupted
+
+    with pytest.raises(RunInterrupted) as raised:
+        _server(None).exchange(_messages(), round_index=1)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith("round 2: client 1 failed: ValueError: out of memory; "
+                              "client 2 did not reply within flower_timeout=5s (1 of 3 replied, 3 needed)")
+    assert "rerun the same command to resume" in message
+
+
+def test_flower_min_clients_lets_the_round_go_on_without_the_others(capsys):
+    replies = _server(1).exchange(_messages(), round_index=0)
+    assert list(replies) == [0]
+    assert "round 1: client 2 did not reply" in capsys.readouterr().err
+    from ilora.errors import RunInterrupted
+
+    with pytest.raises(RunInterrupted):
+        _server(2).exchange(_messages(), round_index=0)

@@ -1,9 +1,9 @@
 """Flower's per-round overhead against the in-process simulator, and what it puts on the wire.
 
-For each setting (``smoke`` and the cpu text setting, BBC News / MiniLM, FedIT) the same run goes
+For each setting (``smoke``, and the cpu text setting, BBC News / MiniLM, FedIT, 2 of its 5 rounds) the same run goes
 through three engines as subprocesses, each with a fresh output directory:
 
-- in-process: ``ilora run`` (one client after another, ``threads=auto``);
+- in-process: ``ilora run`` (one client after another, ``threads=auto``), and with ``threads=1``;
 - Flower's simulation engine: ``ilora run engine=flower`` (a Ray pool; one CPU and one thread per
   client, so two clients train at once on two cores);
 - a local deployment (smoke only): ``python -m ilora.flower.local``: SuperLink, one SuperNode per
@@ -12,7 +12,8 @@ through three engines as subprocesses, each with a fresh output directory:
 From each record: the rounds' wall time (median over rounds, and round 1 apart, which pays the
 clients' first set-up), the start-up (the subprocess's wall time minus the rounds'), and bytes per
 round: the methods' payload and, on Flower, what Flower serialised (array data + framing).
-The records of all engines are checked to be identical round for round.
+The one-thread records of all engines are checked to be identical round for round (CPU kernels may
+round differently with another thread count).
 
 Writes ``results/perf/flower.md``.
 
@@ -33,7 +34,8 @@ from pathlib import Path
 
 from common import ILORA, RESULTS, VENV_PYTHON, fmt_range, header, load_average, package_version, write_report
 
-SETTINGS = {"smoke": ["preset=smoke", "method=fedit"], "cpu text": ["preset=cpu", "method=fedit"]}
+# The cpu text setting's rounds take about a minute each on 2 cores: two rounds give the per-round cost.
+SETTINGS = {"smoke": ["preset=smoke", "method=fedit"], "cpu text": ["preset=cpu", "method=fedit", "rounds=2"]}
 SAME = ("clients", "accuracy", "loss", "train_loss", "uplink_bytes", "downlink_bytes")
 
 
@@ -46,6 +48,8 @@ def one_run(engine: str, overrides: list[str]) -> dict:
         args = [*overrides, f"out_dir={tmp}/runs", "progress=false"]
         if engine == "in-process":
             cmd = [str(ILORA), "run", *args]
+        elif engine == "in-process, 1 thread":
+            cmd = [str(ILORA), "run", *args, "threads=1"]
         elif engine == "flower simulation":
             cmd = [str(ILORA), "run", *args, "engine=flower", "threads=1"]
         else:
@@ -72,14 +76,16 @@ def per_round(rounds: list[dict], key: str) -> float:
 def report(results: dict, args: argparse.Namespace, load: str) -> list[str]:
     lines = header("Flower against the in-process simulator", "benchmarks/perf/flower.py", load,
                    [f"flwr {package_version('flwr')}, ray {package_version('ray')}",
-                    f"{args.repeats} run(s) per engine and setting; median (min-max) over runs, seconds"])
+                    f"runs per engine: {args.repeats} at smoke size, {args.cpu_repeats} on the cpu text setting; "
+                   "median (min-max) over runs, seconds"])
     lines += [
         "## Time",
         "",
         "Start-up: the subprocess's wall time minus its rounds' (interpreter, imports, data, model; on Flower",
         "also starting Ray or the SuperLink and SuperNodes, and stopping them). Round 1 pays the clients'",
         "first set-up on Flower (each Ray worker builds its data and model once); later rounds: the median.",
-        "Overhead: the later rounds' median minus in-process's.",
+        "Overhead: the later rounds' median minus in-process's (default threads: all cores for one client",
+        "at a time; on Flower one thread per client, clients in parallel).",
         "",
         "| setting | engine | start-up | round 1 | later rounds | overhead per round |",
         "|---|---|---:|---:|---:|---:|",
@@ -112,15 +118,16 @@ def report(results: dict, args: argparse.Namespace, load: str) -> list[str]:
             cells = [per_round(rounds, k) for k in keys]
             lines.append(f"| {setting} | {engine} | " + " | ".join(
                 "" if c != c else f"{c / 1e3:,.1f} kB" for c in cells) + " |")
-    lines += ["", "Every engine's record equals the in-process one round for round (accuracy, loss, training loss,",
-              "clients, payload bytes): checked by this script on every run.", ""]
+    lines += ["", "Every one-thread record (in-process, simulation, deployment) is the same round for round (accuracy,",
+              "loss, training loss, clients, payload bytes): checked by this script on every run.", ""]
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke only, one run each")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per engine at smoke size")
+    parser.add_argument("--cpu-repeats", type=int, default=1, help="runs per engine on the cpu text setting")
     parser.add_argument("--out", type=Path, default=RESULTS / "flower.md")
     args = parser.parse_args()
     if args.quick:
@@ -130,16 +137,18 @@ def main() -> None:
     for setting, overrides in SETTINGS.items():
         if args.quick and setting != "smoke":
             continue
-        engines = ["in-process", "flower simulation"] + (["flower deployment"] if setting == "smoke" else [])
+        engines = ["in-process", "in-process, 1 thread", "flower simulation"] + (
+            ["flower deployment"] if setting == "smoke" else [])
         results[setting] = {}
         for engine in engines:
-            runs = [one_run(engine, overrides) for _ in range(args.repeats)]
+            repeats = args.repeats if setting == "smoke" else args.cpu_repeats
+            runs = [one_run(engine, overrides) for _ in range(repeats)]
             results[setting][engine] = runs
             print(f"{setting} / {engine}: start-up {runs[0]['startup_s']:.1f} s, round 1 {runs[0]['round1_s']:.2f} s,"
                   f" later rounds {runs[0]['round_s']:.2f} s", flush=True)
-        reference = [{k: r[k] for k in SAME} for r in results[setting]["in-process"][0]["rounds"]]
+        reference = [{k: r[k] for k in SAME} for r in results[setting]["in-process, 1 thread"][0]["rounds"]]
         for engine, runs in results[setting].items():
-            for run in runs:
+            for run in runs if engine != "in-process" else []:
                 if [{k: r[k] for k in SAME} for r in run["rounds"]] != reference:
                     sys.exit(f"{setting}: {engine} gave a different record than in-process")
     write_report(args.out, report(results, args, load))

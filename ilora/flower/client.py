@@ -50,7 +50,7 @@ _BUILT: dict[str, ClientSide] = {}
 
 
 def client_side(cfg: RunConfig) -> ClientSide:
-    key = f"{config_hash(cfg)}:{cfg.out_dir}"
+    key = f"{config_hash(cfg)}:{cfg.out_dir}:{cfg.device}:{cfg.threads}"
     if key not in _BUILT:
         _BUILT.clear()  # one run at a time per process
         torch.set_num_threads(resolve_threads(cfg.threads))

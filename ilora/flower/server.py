@@ -121,19 +121,19 @@ class FlowerServer:
         """Send, wait for the replies (``flower_timeout``), and return them by client id; a client that
         failed or did not answer ends the run with one clear error unless ``flower_min_clients`` replies
         came back (then the round goes on without it, and the record names it)."""
-        node_to_client = {self.nodes[c]: c for c in messages}
-        replies = self.grid.send_and_receive(list(messages.values()), timeout=self.cfg.flower_timeout)
-        answered, failures = {}, []
-        for reply in replies:
-            cid = node_to_client.get(reply.metadata.src_node_id)
+        replies = list(self.grid.send_and_receive(list(messages.values()), timeout=self.cfg.flower_timeout))
+        sent = {m.metadata.message_id: c for c, m in messages.items()}  # ids set by the push
+        answered, failed, failures = {}, set(), []
+        for reply in replies:  # an error for a node Flower found dead comes from the SuperLink: match by id
+            cid = sent.get(reply.metadata.reply_to_message_id)
             if cid is None:
                 continue
             if reply.has_error():
+                failed.add(cid)
                 failures.append(f"client {cid} failed: {reply.error.reason.strip().splitlines()[-1]}")
             else:
                 answered[cid] = reply
-        silent = sorted(set(messages) - set(answered) - {c for c in messages if any(f"client {c} " in f
-                                                                                    for f in failures)})
+        silent = sorted(set(messages) - set(answered) - failed)
         failures += [f"client {c} did not reply within flower_timeout={self.cfg.flower_timeout:g}s" for c in silent]
         where = f"round {round_index + 1}" if round_index is not None else "setup"
         needed = len(messages) if self.cfg.flower_min_clients is None or round_index is None else min(
