@@ -27,7 +27,9 @@ def documented_commands() -> list[tuple[str, str]]:
     """(document, command) for every ``ilora``/``make`` line of a bash code block, comments removed."""
     found = []
     for doc in DOCS:
-        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", doc.read_text(), re.S):
+        for language, block in re.findall(r"```(\w*)\n(.*?)```", doc.read_text(), re.S):
+            if language not in ("", "bash", "sh"):
+                continue
             for line in block.splitlines():
                 command = re.split(r"\s+#", line.strip(), maxsplit=1)[0].strip()
                 command = re.sub(r"^\.venv/bin/", "", command)
