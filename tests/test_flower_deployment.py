@@ -1,7 +1,8 @@
 """The fault drill on a real local deployment: a SuperLink and three SuperNodes as processes.
 
 One SuperNode is killed with -9 while round 2 trains. With every sampled client required (the
-default), the run ends with one clear error and leaves its checkpoint; the SuperNode comes back
+default), the run ends with one clear error (Flower's "Node Unavailable" for it, or our timeout,
+whichever comes first) and leaves its checkpoint; the SuperNode comes back
 (same partition, same state dir) and the same command resumes from round 1 to a record equal, round
 for round, to an uninterrupted run's (the in-process one, which Flower's equals bit for bit:
 tests/test_flower.py). Every started process is gone afterwards.
@@ -10,6 +11,7 @@ tests/test_flower.py). Every started process is gone afterwards.
 from __future__ import annotations
 
 import importlib.util
+import re
 import time
 
 import pytest
@@ -48,7 +50,9 @@ def test_killed_supernode_ends_the_run_with_one_error_and_the_rerun_resumes_to_t
             deployment.kill("supernode-1")
             first.wait(timeout=300)
         text = log.read_text()
-        assert "round 2: client 1 did not reply within flower_timeout=60s" in text, text[-3000:]
+        # whichever comes first: Flower reporting the node dead (missed heartbeats) or our timeout
+        assert re.search(r"round 2: client 1 (failed: Error: Node Unavailable|did not reply within flower_timeout=60s)",
+                         text), text[-3000:]
         assert "rerun the same command to resume" in text
         assert not (run_dir / "result.json").exists()
         assert (run_dir / "checkpoint" / "checkpoint-1.json").exists()
