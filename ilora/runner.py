@@ -278,10 +278,27 @@ def run_experiment(cfg: RunConfig, tracker: Any = None, build: Any = None, engin
         record["status"] = "diverged"
     record["final_accuracy"] = accs[-1] if accs else None
     record["best_accuracy"] = max(accs) if accs else None
+    if record["status"] == "ok":
+        save_final_model(cfg, sim, run_dir, record)
     record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_record(run_dir, record)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return record
+
+
+def save_final_model(cfg: RunConfig, sim: Any, run_dir: Path, record: dict[str, Any]) -> None:
+    """The evaluated global model next to the record (``ilora export`` reads it), and the export ``cfg.export``
+    asks for. Personalised methods save client 0's model; on Flower their client models stay on the clients."""
+    from ilora.export import GLOBAL_MODEL, about_run, default_export_dir, export_model, save_global_model
+
+    algorithm = sim.algorithm
+    if algorithm.info.personalised and not isinstance(sim, Simulation):
+        return
+    model = algorithm.eval_model()
+    save_global_model(run_dir / GLOBAL_MODEL, model, cfg.method)
+    if cfg.export != "none":
+        backbone = sim.backbone if isinstance(sim, Simulation) else sim.evaluator.backbone
+        export_model(backbone, model, cfg.export, default_export_dir(run_dir, cfg.export), about_run(record))
 
 
 def write_record(run_dir: Path, record: dict[str, Any]) -> None:

@@ -44,6 +44,8 @@ class Backbone:
     encode: Callable[[Split], Batch]  # raw split -> tensors (labels under "labels")
     hf_name: str | None = None  # for exported adapters
     meta: dict = field(default_factory=dict)
+    export_root: str = ""  # the submodule an export's base model is (e.g. the transformers encoder); "" = module
+    export_info: dict = field(default_factory=dict)  # how an exported head is applied (export.json)
 
     def __call__(self, batch: Batch) -> Tensor:
         return self.module(batch)

@@ -90,6 +90,9 @@ def minilm(options: ModelOptions) -> Backbone:
         head=head_parameters(model, "classifier."),
         encode=tokenize_fn(tokenizer, options.max_length),
         hf_name="sentence-transformers/all-MiniLM-L6-v2",
+        export_root="encoder",  # transformers' BertModel: AutoModel.from_pretrained loads the exported base
+        export_info={"base_class": "transformers.AutoModel", "pooling": "mean of last_hidden_state over attention_mask",
+                     "max_length": options.max_length},
     )
 
 
@@ -159,4 +162,6 @@ def roberta_base(options: ModelOptions) -> Backbone:
         head=head_parameters(model, "classifier."),
         encode=lazy_tokenize_fn("roberta_base", ROBERTA, options.max_length),
         hf_name=ROBERTA,
+        export_info={"base_class": "transformers.RobertaForSequenceClassification (head: classifier.*)",
+                     "pooling": "the classifier on the first token", "max_length": options.max_length},
     )

@@ -104,9 +104,16 @@ class ImageClassifier(FrozenBackboneModule):
 
 
 def _image_backbone(
-    name: str, model: ImageClassifier, layers: dict, hf_name: str | None, **meta
+    name: str, model: ImageClassifier, layers: dict, hf_name: str | None, base_class: str, root: str = "features",
+    **meta,
 ) -> Backbone:
     model.eval()
+    preprocessing = {
+        "image_size": model.image_size,
+        "mean": [round(float(m) / 255, 6) for m in model.mean.flatten()],
+        "std": [round(float(s) / 255, 6) for s in model.std.flatten()],
+        "resize": "bilinear (antialiased when shrinking), then (pixel / 255 - mean) / std",
+    }
     return Backbone(
         name=name,
         module=model,
@@ -115,6 +122,9 @@ def _image_backbone(
         encode=encode_images,
         hf_name=hf_name,
         meta={"image_size": model.image_size, **meta},
+        export_root=root,
+        export_info={"base_class": base_class, "pooling": "the base model's pooled features -> head",
+                     "preprocessing": preprocessing},
     )
 
 
@@ -149,7 +159,7 @@ def _timm_backbone(name: str, arch: str, options: ModelOptions, size: int, **kwa
     model = ImageClassifier(net, net.num_features, options.num_classes, options.seed, size, info["mean"], info["std"])
     layers = inject_qkv_lora(model.features, *lora_args(options))
     layers = {f"features.{n}": layer for n, layer in layers.items()}
-    return _image_backbone(name, model, layers, info["hub_id"])
+    return _image_backbone(name, model, layers, info["hub_id"], f"timm.create_model({arch!r}, num_classes=0)")
 
 
 @register_model("vit_base", kind="image", offline=False)
@@ -204,7 +214,10 @@ def _hf_backbone(name: str, repo_id: str, encoder: nn.Module, pool: str, options
         HFPooled(encoder, pool), encoder.config.hidden_size, options.num_classes, options.seed, 224, mean, std
     )
     layers = inject_lora(model, qv_targets(model), *lora_args(options))
-    return _image_backbone(name, model, layers, repo_id)
+    pooling = "CLS token of last_hidden_state" if pool == "cls" else "pooler_output"
+    backbone = _image_backbone(name, model, layers, repo_id, "transformers.AutoModel", root="features.encoder")
+    backbone.export_info["pooling"] = f"{pooling} -> head"
+    return backbone
 
 
 def qv_targets(model: nn.Module) -> list[str]:
@@ -271,6 +284,28 @@ def efficientnet_lite0_net(image_size: int, pretrained: bool) -> nn.Module:
         net.load_state_dict(state)
     net._fc = nn.Identity()
     net._dropout = nn.Identity()
+    return plain_pointwise_convs(net)
+
+
+def plain_pointwise_convs(net: nn.Module) -> nn.Module:
+    """Make every 1x1, stride-1 convolution a plain ``nn.Conv2d`` (same weights, same output, in place).
+
+    The package's ``Conv2dStaticSamePadding`` pads nothing at 1x1 and stride 1, but its constructor needs
+    an image size, which PEFT's LoRA cannot pass when it builds a factor of the wrapped layer's own type.
+    """
+    for name, module in list(net.named_modules()):
+        if type(module) is nn.Conv2d or not isinstance(module, nn.Conv2d):
+            continue
+        if module.kernel_size != (1, 1) or tuple(module.stride) != (1, 1) or module.padding != (0, 0):
+            continue
+        padding = getattr(module, "static_padding", None)
+        if padding is not None and type(padding).__name__ != "Identity":  # the package's own Identity class
+            continue
+        plain = nn.Conv2d(module.in_channels, module.out_channels, 1, bias=module.bias is not None,
+                          groups=module.groups)
+        plain.weight, plain.bias = module.weight, module.bias
+        parent_name, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent_name) if parent_name else net, child, plain)
     return net
 
 
@@ -287,4 +322,5 @@ def efficientnet_lite0(options: ModelOptions) -> Backbone:
     model = ImageClassifier(net, 1280, options.num_classes, options.seed, size, LITE_MEAN, LITE_STD)
     layers = inject_conv1x1_lora(model, EFFICIENTNET_TARGETS[targets], *lora_args(options))
     model.to(memory_format=torch.channels_last)  # CPU convolutions measured 20-25% faster (results/perf)
-    return _image_backbone("efficientnet_lite0", model, layers, None, lora_targets=targets)
+    base_class = f"ilora.models.vision.efficientnet_lite0_net(image_size={size}, pretrained=True)"
+    return _image_backbone("efficientnet_lite0", model, layers, None, base_class, lora_targets=targets)
