@@ -30,6 +30,7 @@ Each grid point becomes a ``RunConfig`` through ``resolve_config`` (the benchmar
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -241,12 +242,24 @@ def expand(
         merged: dict[str, Any] = dict(base)
         for _, values in combo:
             merged.update(values)
-        cell = "/".join(f"{k}={v}" for k, v in labels.items() if k not in ("seed", "method"))
-        group = f"{bench.name}/{cell}" if cell else bench.name
-        fixed = {"preset": config_preset, "progress": False, "wandb_group": group}
+        fixed = {"preset": config_preset, "progress": False, "wandb_group": wandb_group(bench.name, preset, labels)}
         cfg = _resolve(tuple(_dotlist(fixed) + _dotlist(merged) + list(overrides or []) + [f"out_dir={out}"]))
+        cfg = _tagged(cfg, [bench.name])
         runs.append(PlannedRun(bench.name, labels, cfg, run_id_for(cfg)))
     return runs
+
+
+def wandb_group(bench: str, preset: str, labels: dict[str, str]) -> str:
+    """A sweep run's W&B group: ``<benchmark>/<preset>/<axis>=<label>/...``, every grid axis but the seed in
+    the grid's order (the method included), so that one group holds the seeds of one table cell's method."""
+    cell = "/".join(f"{k}={v}" for k, v in labels.items() if k != "seed")
+    return "/".join(part for part in (bench, preset, cell) if part)
+
+
+def _tagged(cfg: RunConfig, tags: list[str]) -> RunConfig:
+    """``cfg`` (never changed: resolved configs are shared) with ``tags`` added to its W&B tags."""
+    merged = list(dict.fromkeys([*cfg.wandb_tags, *tags]))
+    return cfg if merged == list(cfg.wandb_tags) else dataclasses.replace(cfg, wandb_tags=merged)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -258,15 +271,20 @@ def _resolve(overrides: tuple[str, ...]) -> RunConfig:
 def plan(
     benches: list[Benchmark], preset: str, overrides: list[str] | None = None, out_dir: str | None = None
 ) -> list[PlannedRun]:
-    """All runs of several benchmarks, each distinct run once (first benchmark wins)."""
-    seen: set[str] = set()
-    runs = []
-    for bench in benches:
-        for run in expand(bench, preset, overrides, out_dir):
-            if run.run_id not in seen:
-                seen.add(run.run_id)
-                runs.append(run)
-    return runs
+    """All runs of several benchmarks, each distinct run once, in the order the benchmarks list them.
+
+    A run shared by several benchmarks runs once: its labels and W&B group are those of the benchmark
+    whose name sorts first (whatever the order given), and its W&B tags name every benchmark it is in.
+    """
+    expanded = {bench.name: expand(bench, preset, overrides, out_dir) for bench in benches}
+    owner: dict[str, PlannedRun] = {}
+    members: dict[str, list[str]] = {}
+    for name in sorted(expanded):
+        for run in expanded[name]:
+            owner.setdefault(run.run_id, run)
+            members.setdefault(run.run_id, []).append(name)
+    order = dict.fromkeys(run.run_id for runs in expanded.values() for run in runs)
+    return [dataclasses.replace(owner[i], config=_tagged(owner[i].config, members[i])) for i in order]
 
 
 def read_record(path: Path) -> dict[str, Any] | None:

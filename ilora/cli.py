@@ -1,4 +1,4 @@
-"""The ``ilora`` command line: ``run``, ``list``, ``data``, ``sweep``, ``report`` and ``compare``."""
+"""The ``ilora`` command line: ``run``, ``export``, ``list``, ``data``, ``sweep``, ``report`` and ``compare``."""
 
 from __future__ import annotations
 
@@ -67,7 +67,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(f"results record: {path}", file=sys.stderr)
+    if cfg.export != "none" and record["status"] == "ok":
+        print(f"exported ({cfg.export}): {os.path.join(cfg.out_dir, run_id_for(cfg), 'export', cfg.export)}",
+              file=sys.stderr)
     return 0 if record["status"] == "ok" else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A finished run's global model as a PEFT adapter or merged weights (the files on stdout)."""
+    from ilora.export import export_run
+
+    for path in export_run(Path(args.run_dir), args.format, Path(args.out) if args.out else None):
+        print(path)
+    return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -100,9 +112,48 @@ def _split(items: list[str]) -> tuple[list[str], list[str]]:
     return names, [i for i in items if "=" in i]
 
 
-def _check_jobs(jobs: int) -> None:
-    if jobs < 1:
+def _check_jobs(jobs: int | None) -> None:
+    if jobs is not None and jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
+
+
+def _check_run_options(args: argparse.Namespace) -> None:
+    """``--jobs``, ``--backend``, ``--address`` and ``--cpus-per-run``, before anything runs or is written."""
+    _check_jobs(args.jobs)
+    if args.cpus_per_run is not None and args.cpus_per_run < 1:
+        raise UserError(f"--cpus-per-run must be at least 1, got {args.cpus_per_run}")
+    if args.backend != "ray":
+        if args.address is not None or args.cpus_per_run is not None:
+            raise UserError("--address and --cpus-per-run need --backend ray (valid backends: local, ray)")
+        return
+    from ilora.ray_sweep import RayOptions, check_address
+
+    check_address(RayOptions(args.address))
+
+
+def _backend(args: argparse.Namespace) -> dict[str, Any]:
+    """``run_sweep``'s keyword arguments for the backend options."""
+    if args.backend == "ray":
+        from ilora.ray_sweep import RayOptions
+
+        return {"backend": "ray", "jobs": args.jobs, "ray_options": RayOptions(args.address, args.cpus_per_run)}
+    return {"backend": "local", "jobs": args.jobs or 1}
+
+
+def _parallelism(args: argparse.Namespace) -> str:
+    """How the runs of a sweep share the machine(s), for its first line."""
+    from ilora.sweep import threads_per_job
+
+    if args.backend == "ray":
+        from ilora.ray_sweep import RayOptions
+
+        target = RayOptions(args.address).target()
+        where = "a new local Ray instance" if target == "local" else f"the Ray cluster at {target}"
+        cpus = str(args.cpus_per_run) if args.cpus_per_run else "its threads (1 for auto)"
+        limit = f", at most {args.jobs} at a time" if args.jobs else ""
+        return f"on {where}, per run {cpus} CPU(s) + 1 GPU if the cluster has GPUs{limit}"
+    jobs = args.jobs or 1
+    return f"{jobs} job(s) x {threads_per_job(jobs)} thread(s)"
 
 
 def _check_preset(preset: str) -> None:
@@ -114,22 +165,21 @@ def _check_preset(preset: str) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from ilora.benchmark import default_out_dir, plan, resolve_benchmarks
-    from ilora.sweep import run_sweep, threads_per_job
+    from ilora.sweep import run_sweep
 
     _check_preset(args.preset)
-    _check_jobs(args.jobs)
+    _check_run_options(args)
+    _check_wandb(args)
     names, overrides = _split(args.items)
     benches = resolve_benchmarks(names)
     runs = plan(benches, args.preset, overrides, args.out_dir)
     out = args.out_dir or default_out_dir(args.preset)
-    print(f"{len(benches)} benchmark(s), {len(runs)} distinct runs, preset {args.preset}, {args.jobs} job(s) "
-          f"x {threads_per_job(args.jobs)} thread(s), records under {out}", file=sys.stderr)
-    summary = run_sweep(runs, args.jobs, retry_failed=args.retry_failed)
+    print(f"{len(benches)} benchmark(s), {len(runs)} distinct runs, preset {args.preset}, "
+          f"{_parallelism(args)}, records under {out}", file=sys.stderr)
+    summary = run_sweep(runs, retry_failed=args.retry_failed, **_backend(args))
     print(summary.line(), file=sys.stderr)
     if args.report:
-        from ilora.report import report
-
-        written = report(benches, args.preset, overrides, args.out_dir, Path(args.results_dir))
+        written = _report(args, benches, overrides)
         print(f"report: {len(written)} files under {args.results_dir}/", file=sys.stderr)
     return _unfinished(runs)
 
@@ -141,6 +191,8 @@ def _unfinished(runs: list[Any]) -> int:
     bad = []
     for run in runs:
         record = read_record(run.result_path) or {}
+        if not record:  # e.g. a Ray task that ran out of retries: its checkpoint stays
+            bad.append(f"  missing: {run.run_id}: no results record (rerun the same command to resume it)")
         if record.get("status") in ("failed", "diverged"):
             rounds = len(record.get("rounds") or [])
             detail = record.get("error") if record["status"] == "failed" else f"diverged at round {rounds}"
@@ -152,16 +204,48 @@ def _unfinished(runs: list[Any]) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from ilora.benchmark import resolve_benchmarks
-    from ilora.report import report
 
     _check_preset(args.preset)
+    _check_wandb(args)
     names, overrides = _split(args.items)
     benches = resolve_benchmarks(names)
-    written = report(benches, args.preset, overrides, args.out_dir, Path(args.results_dir),
-                     plots=not args.no_plots)
+    written = _report(args, benches, overrides, plots=not args.no_plots)
     for path in written:
         print(path)
     return 0
+
+
+def _check_wandb(args: argparse.Namespace) -> None:
+    """``--wandb`` (sweep: with ``--report`` only; online: an API key), before anything is written."""
+    if args.wandb is None:
+        return
+    if not getattr(args, "report", True):
+        raise UserError("--wandb logs the report: give --report too (the runs themselves: the wandb=offline "
+                        "override)")
+    from ilora.config import check_writable_dir
+    from ilora.wandb_report import check_mode
+
+    check_mode(args.wandb)
+    if args.wandb_dir:
+        check_writable_dir("--wandb-dir", args.wandb_dir)
+
+
+def _report(args: argparse.Namespace, benches: list[Any], overrides: list[str], plots: bool = True) -> list[Path]:
+    """The tables and plots; with ``--wandb``, also logged as one W&B run (where it is goes to stderr)."""
+    from ilora.report import report
+
+    built: list[Any] = []
+    written = report(benches, args.preset, overrides, args.out_dir, Path(args.results_dir), plots=plots,
+                     built=built if args.wandb else None)
+    if args.wandb:
+        from ilora.wandb_report import default_directory, log_report
+
+        directory = Path(args.wandb_dir) if args.wandb_dir else default_directory(args.preset, args.out_dir)
+        logged = log_report(built, written, args.preset, Path(args.results_dir), args.wandb, args.wandb_project,
+                            directory, overrides)
+        for line in logged.lines():
+            print(line, file=sys.stderr)
+    return written
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -173,10 +257,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ilora.sweep import run_sweep
 
     _check_preset(args.preset)
-    _check_jobs(args.jobs)
+    _check_run_options(args)
     bench = load_benchmark(args.benchmark)
     runs = expand(bench, args.preset, args.overrides, args.out_dir)
-    summary = run_sweep(runs, args.jobs, retry_failed=args.retry_failed)
+    summary = run_sweep(runs, retry_failed=args.retry_failed, **_backend(args))
     print(summary.line(), file=sys.stderr)
     df = collect(runs)
     first = runs[0].config
@@ -197,10 +281,29 @@ def _common_options(parser: argparse.ArgumentParser, run: bool) -> None:
     """Options shared by ``sweep``, ``report`` and ``compare`` (``run``: those that launch runs)."""
     parser.add_argument("--preset", default="cpu", help="paper | cpu | smoke (default cpu)")
     if run:
-        parser.add_argument("--jobs", type=int, default=1, help="parallel processes (CPU threads are split)")
+        parser.add_argument("--jobs", type=int, default=None,
+                            help="parallel processes (CPU threads are split; default 1); "
+                                 "with --backend ray: the most runs at a time (default: as many as fit)")
+        parser.add_argument("--backend", default="local", choices=("local", "ray"),
+                            help="local: a process pool on this machine (default); ray: one Ray task per run "
+                                 "(docs/ray.md)")
+        parser.add_argument("--address", default=None,
+                            help="--backend ray: the cluster's HOST:PORT (default $RAY_ADDRESS, else a new local "
+                                 "Ray instance)")
+        parser.add_argument("--cpus-per-run", type=int, default=None,
+                            help="--backend ray: CPUs each run declares (default its threads setting, auto: 1)")
         parser.add_argument("--retry-failed", action="store_true", help="also redo runs recorded as failed")
     parser.add_argument("--out-dir", default=None, help="where run records live (default runs/<preset>)")
     parser.add_argument("--results-dir", default="results", help="where tables and plots go")
+
+
+def _wandb_options(parser: argparse.ArgumentParser) -> None:
+    """``--wandb [offline|online]``, ``--wandb-project``, ``--wandb-dir``: the report as a W&B run (docs/wandb.md)."""
+    parser.add_argument("--wandb", nargs="?", const="offline", default=None, choices=("offline", "online"),
+                        help="also log the report's tables, plots and files as one W&B run (default offline)")
+    parser.add_argument("--wandb-project", default="ilora-bench", help="W&B project of the report run")
+    parser.add_argument("--wandb-dir", default=None,
+                        help="where the report run's W&B files go (default the records directory; W&B adds wandb/)")
 
 
 def add_sweep_parsers(sub: Any) -> None:
@@ -209,12 +312,14 @@ def add_sweep_parsers(sub: Any) -> None:
     sweep.add_argument("items", nargs="*", help="benchmark names (or all), then key=value overrides")
     _common_options(sweep, run=True)
     sweep.add_argument("--report", action="store_true", help="build the tables and plots afterwards")
+    _wandb_options(sweep)
     sweep.set_defaults(func=cmd_sweep)
 
     rep = sub.add_parser("report", help="tables and plots from the results records")
     rep.add_argument("items", nargs="*", help="benchmark names (default all), then key=value overrides")
     _common_options(rep, run=False)
     rep.add_argument("--no-plots", action="store_true", help="tables only")
+    _wandb_options(rep)
     rep.set_defaults(func=cmd_report)
 
     cmp_ = sub.add_parser("compare", help="all methods on one setting: run, rank, plot")
@@ -255,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="config overrides, e.g. method=ilora rounds=3 ranks=[2,4,6]")
     run.add_argument("--force", action="store_true", help="run again even if the run's record exists")
     run.set_defaults(func=cmd_run)
+    export = sub.add_parser("export", help="a finished run's final model as a PEFT adapter or merged weights")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="the run's directory, e.g. runs/cpu/<run_id>")
+    export.add_argument("--format", choices=["peft", "merged"], default="peft",
+                        help="peft: adapter_config.json + adapter_model.safetensors (default); merged: full weights")
+    export.add_argument("--out", default=None, help="where to write (default RUN_DIR/export/<format>)")
+    export.set_defaults(func=cmd_export)
     lst = sub.add_parser("list", help="registered methods, datasets, models and presets")
     lst.set_defaults(func=cmd_list)
     from ilora.datacli import add_data_parser

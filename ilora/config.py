@@ -73,7 +73,9 @@ class RunConfig:
     progress: bool = True
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "ilora-bench"
-    wandb_group: str | None = None
+    wandb_group: str | None = None  # a sweep sets <benchmark>/<preset>/<cell> (docs/wandb.md)
+    wandb_tags: list[str] = field(default_factory=list)  # extra W&B tags (a sweep adds its benchmarks)
+    export: str = "none"  # none | peft | merged: also write the final model as a PEFT adapter or merged weights
     # engine: the in-process simulator, or Flower's simulation engine (docs/flower.md)
     engine: str = "inprocess"  # inprocess | flower
     flower_client_cpus: float = 1.0  # CPUs Flower reserves per client (how many clients train at once)
@@ -86,6 +88,7 @@ PUBLIC_KEYS = list(RunConfig.__dataclass_fields__)
 OPTIMIZERS = ("sgd", "adamw")
 WANDB_MODES = ("disabled", "offline", "online")
 ENGINES = ("inprocess", "flower")
+EXPORTS = ("none", "peft", "merged")
 
 
 def available_presets() -> list[str]:
@@ -177,6 +180,7 @@ def validate(cfg: RunConfig) -> None:
     choose("partition", cfg.partition, ("dirichlet", "iid", "pathological"))
     choose("wandb", cfg.wandb, WANDB_MODES)
     choose("engine", cfg.engine, ENGINES)
+    choose("export", cfg.export, EXPORTS)
     if cfg.num_clients < 1:
         raise ConfigError(f"num_clients must be at least 1, got {cfg.num_clients}")
     if len(cfg.ranks) != cfg.num_clients:
@@ -299,8 +303,8 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 # Keys that do not change what a run computes: left out of its identity.
 _NOT_IDENTITY = {
-    "out_dir", "run_id", "progress", "wandb", "wandb_project", "wandb_group", "device", "preset", "threads",
-    "engine", "flower_client_cpus", "flower_client_gpus", "flower_timeout", "flower_min_clients",
+    "out_dir", "run_id", "progress", "wandb", "wandb_project", "wandb_group", "wandb_tags", "device", "preset",
+    "threads", "export", "engine", "flower_client_cpus", "flower_client_gpus", "flower_timeout", "flower_min_clients",
 }
 
 

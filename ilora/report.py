@@ -552,8 +552,10 @@ def report(
     out_dir: str | None = None,
     results_dir: Path = Path("results"),
     plots: bool = True,
+    built: list[tuple[Benchmark, Table]] | None = None,
 ) -> list[Path]:
-    """Tables (and plots) of ``benches`` from the records under the sweep's ``out_dir``."""
+    """Tables (and plots) of ``benches`` from the records under the sweep's ``out_dir``; each built table is
+    also appended to ``built`` when given (``ilora report --wandb`` logs them)."""
     if any(bench.runs_at(preset) for bench in benches):
         check_records(preset, out_dir)
     written: list[Path] = []
@@ -566,6 +568,8 @@ def report(
         df = collect(runs)
         all_records.append(df)
         table = build_table(bench, preset, df)
+        if built is not None:
+            built.append((bench, table))
         written += write_table(table, bench.name, preset, results_dir / "tables" / preset, bench.description)
         if plots:
             for kind in bench.plots:

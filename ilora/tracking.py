@@ -1,10 +1,16 @@
 """Weights & Biases mirror of a run (``wandb=disabled|offline|online``, default disabled).
 
-The results record is the source of every table; W&B only mirrors it: project ``wandb_project``,
-group ``wandb_group`` (one table cell), job type the method, run name the run id, the resolved config,
-one log call per round and the final summary. ``offline`` needs no account and no API key: it writes
-under ``<out_dir>/<run_id>/wandb`` and can be uploaded later with ``wandb sync``. The API key is never
-read here and is never written to a results record or a log.
+The results record is the source of every table; W&B only mirrors it (docs/wandb.md). One W&B run per
+experiment: project ``wandb_project``, group ``wandb_group`` (a sweep sets it to the benchmark, preset
+and table cell, method included, so that a group holds the seeds of one method in one cell), job type
+the method, run name the run id, tags ``wandb_tags`` (a sweep's benchmarks) plus the preset, dataset,
+model and method, the resolved config without bookkeeping keys, one log call per round with
+``step = round`` and the final summary. ``offline`` needs no account and no API key: it writes under
+``<out_dir>/<run_id>/wandb`` for a later ``wandb sync``.
+
+Nothing from the environment reaches W&B: the config is built from the ``RunConfig`` alone, and
+W&B's own collection of system metadata (command line, program, host name and facts, git state,
+installed packages, code, system metrics) is switched off by ``private_settings``. The API key is never read here.
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ from typing import Any, Protocol
 from ilora.config import RunConfig, to_dict
 from ilora.errors import UserError
 
-# Round fields mirrored to W&B (the per-client list and bookkeeping are left out).
-_ROUND_KEYS = ("accuracy", "loss", "train_loss", "uplink_bytes", "downlink_bytes", "train_s", "aggregate_s",
-               "eval_s", "wall_s")
-# Config keys that are bookkeeping, not part of what a run computes, left out of the W&B config.
-_HIDDEN = ("wandb", "wandb_project", "wandb_group", "progress")
+# Round fields mirrored to W&B (the per-client lists and bookkeeping are left out).
+ROUND_KEYS = ("accuracy", "loss", "train_loss", "uplink_bytes", "downlink_bytes", "train_s", "aggregate_s",
+              "eval_s", "compute_s", "wall_s")
+# Config keys that are bookkeeping, not part of what a run computes, left out of the W&B config (the run id
+# is the run's name; out_dir is a local path).
+HIDDEN_KEYS = ("wandb", "wandb_project", "wandb_group", "wandb_tags", "progress", "out_dir", "run_id")
 
 
 class Tracker(Protocol):
@@ -39,8 +46,39 @@ class NullTracker:
         pass
 
 
+def import_wandb() -> Any:
+    """The ``wandb`` module (imported only when tracking is on), quiet, or a one-line error."""
+    try:
+        import wandb
+    except ImportError:  # pragma: no cover - wandb is a dependency
+        raise UserError("wandb is not installed (pip install wandb), or leave W&B off (wandb=disabled)") from None
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_CONSOLE", "off")
+    return wandb
+
+
+def private_settings(wandb: Any) -> Any:
+    """``wandb.Settings`` that record only what the suite logs: no command line, program path, host name or
+    facts, git state, package list, code or system metrics (W&B collects these by default)."""
+    return wandb.Settings(
+        console="off", silent=True, host="",
+        x_disable_meta=True, x_disable_machine_info=True, x_disable_stats=True, x_save_requirements=False,
+        disable_git=True, save_code=False, disable_code=True, disable_job_creation=True,
+    )
+
+
+def wandb_config(cfg: RunConfig) -> dict[str, Any]:
+    """The W&B config of a run: the resolved config's keys (flat, as in the record) minus bookkeeping."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in HIDDEN_KEYS}
+
+
+def wandb_tags(cfg: RunConfig) -> list[str]:
+    """``wandb_tags`` (a sweep puts its benchmarks there), then the preset, dataset, model and method."""
+    return list(dict.fromkeys([*cfg.wandb_tags, cfg.preset, cfg.dataset, cfg.model, cfg.method]))
+
+
 def summary_of(record: dict[str, Any]) -> dict[str, Any]:
-    """The final summary mirrored to W&B: status, accuracies and communication totals."""
+    """The final summary mirrored to W&B: status, accuracies, communication totals, device and versions."""
     rounds = record.get("rounds") or []
     up = sum(r.get("uplink_bytes", 0) for r in rounds)
     down = sum(r.get("downlink_bytes", 0) for r in rounds)
@@ -54,6 +92,9 @@ def summary_of(record: dict[str, Any]) -> dict[str, Any]:
         "downlink_mb_total": down / 1e6,
         "wall_s_total": sum(r.get("wall_s", 0.0) for r in rounds),
         "partition_hash": record.get("partition_hash"),
+        "config_hash": record.get("config_hash"),
+        "device": record.get("device"),
+        "versions": record.get("versions"),
     }
 
 
@@ -61,39 +102,29 @@ class WandbTracker:
     """One W&B run per experiment."""
 
     def __init__(self, cfg: RunConfig, run_id: str, directory: Path | None = None) -> None:
-        try:
-            import wandb
-        except ImportError:  # pragma: no cover - wandb is a dependency
-            raise UserError("wandb is not installed (pip install wandb), or set wandb=disabled") from None
+        wandb = import_wandb()
         directory = directory or Path(cfg.out_dir) / run_id
         directory.mkdir(parents=True, exist_ok=True)
-        if cfg.wandb == "offline":
-            os.environ["WANDB_MODE"] = "offline"
-        os.environ.setdefault("WANDB_SILENT", "true")
-        os.environ.setdefault("WANDB_CONSOLE", "off")
-        config = {k: v for k, v in to_dict(cfg).items() if k not in _HIDDEN}
-        self._wandb = wandb
         self._run = wandb.init(
             project=cfg.wandb_project,
             group=cfg.wandb_group,
             job_type=cfg.method,
             name=run_id,
-            id=None,
-            config=config,
+            tags=wandb_tags(cfg),
+            config=wandb_config(cfg),
             mode=cfg.wandb,
-            dir=str(directory),
+            dir=str(directory.resolve()),  # absolute: a W&B service shared with a parent process has its own cwd
             reinit="create_new",
-            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+            settings=private_settings(wandb),
         )
 
     def log_round(self, row: dict[str, Any]) -> None:
-        metrics = {k: row[k] for k in _ROUND_KEYS if k in row}
+        metrics = {k: row[k] for k in ROUND_KEYS if k in row}
         self._run.log(metrics, step=int(row["round"]))
 
     def finish(self, record: dict[str, Any] | None) -> None:
         if record is not None:
-            for key, value in summary_of(record).items():
-                self._run.summary[key] = value
+            self._run.summary.update({k: v for k, v in summary_of(record).items() if v is not None})
             exit_code = 0 if record.get("status") == "ok" else 1
         else:
             exit_code = 1

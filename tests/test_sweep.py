@@ -86,7 +86,7 @@ def test_grid_expansion(tmp_path):
     assert (first.config.optimizer, first.config.lr, first.config.momentum) == ("sgd", 0.01, 0.9)
     assert first.config.rounds == 2 and first.config.max_train_samples == 60
     assert first.config.out_dir == str(tmp_path / "runs") and first.config.progress is False
-    assert first.config.wandb_group == "tiny/dataset=bbc_news/optimizer=sgd"
+    assert first.config.wandb_group == "tiny/smoke/dataset=bbc_news/optimizer=sgd/method=fedit"
     adamw = [r for r in runs if r.labels["optimizer"] == "adamw"]
     assert all(r.config.lr == 0.001 and r.config.optimizer == "adamw" for r in adamw)
     # command-line overrides apply to every run and change the run ids
