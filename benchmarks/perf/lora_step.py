@@ -66,37 +66,15 @@ def effnet_targets() -> list[str]:
     return EFFICIENTNET_TARGETS["expand_project"]
 
 
-def plain_conv1x1(model: nn.Module, targets: list[str]) -> int:
-    """Replace the targeted 1x1 convolutions (a subclass of ``nn.Conv2d`` with static 'same' padding) by plain
-    ``nn.Conv2d`` with the same weights, which PEFT can wrap. Returns how many were replaced."""
-    found = [
-        (n, m) for n, m in model.named_modules()
-        if isinstance(m, nn.Conv2d) and type(m) is not nn.Conv2d and m.kernel_size == (1, 1)
-        and n.rpartition(".")[2] in targets
-    ]
-    for name, old in found:
-        assert not isinstance(getattr(old, "static_padding", None), nn.ZeroPad2d), "a 1x1 conv needs no padding"
-        conv = nn.Conv2d(old.in_channels, old.out_channels, 1, stride=tuple(old.stride), bias=old.bias is not None)
-        with torch.no_grad():
-            conv.weight.copy_(old.weight)
-            if old.bias is not None:
-                conv.bias.copy_(old.bias)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, conv)
-    return len(found)
-
-
 def first_module(model: nn.Module, kind: str) -> nn.Module:
     """Where the floor's backward starts: the text embeddings' output, or the image stem convolution's."""
     return model.encoder.embeddings if kind == "minilm" else model.features._conv_stem
 
 
-def build(kind: str, variant: str, seed: int) -> tuple[nn.Module, list[nn.Parameter], int]:
-    """A model in training mode (backbone dropout on, as the suite's runs), its trainable parameters and
-    the number of convolutions converted for PEFT."""
+def build(kind: str, variant: str, seed: int) -> tuple[nn.Module, list[nn.Parameter]]:
+    """A model in training mode (backbone dropout on, as the suite's runs) and its trainable parameters."""
     model = minilm_base(seed) if kind == "minilm" else effnet_base(seed)
     model.backbone_dropout = True
-    converted = 0
     targets = TEXT_TARGETS if kind == "minilm" else effnet_targets()
     if variant == "ours":
         inject = inject_lora if kind == "minilm" else inject_conv1x1_lora
@@ -104,8 +82,6 @@ def build(kind: str, variant: str, seed: int) -> tuple[nn.Module, list[nn.Parame
     elif variant == "peft":
         from peft import LoraConfig, get_peft_model
 
-        if kind != "minilm":
-            converted = plain_conv1x1(model, targets)
         config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=targets)
         model = get_peft_model(model, config)
     else:
@@ -116,7 +92,7 @@ def build(kind: str, variant: str, seed: int) -> tuple[nn.Module, list[nn.Parame
     if kind != "minilm":
         model.to(memory_format=torch.channels_last)  # as the suite's builder does
     model.train()
-    return model, [p for p in model.parameters() if p.requires_grad], converted
+    return model, [p for p in model.parameters() if p.requires_grad]
 
 
 def make_batch(kind: str, seed: int) -> Batch:
@@ -171,7 +147,7 @@ def bench(kind: str, args: argparse.Namespace) -> dict:
     batch = make_batch(kind, args.seed)
     models = {v: build(kind, v, args.seed) for v in VARIANTS}
     diff = equivalence(models["ours"][0], models["peft"][0], batch, args.seed)
-    optimizers = {v: torch.optim.AdamW(params, lr=1e-4) for v, (_, params, _) in models.items()}
+    optimizers = {v: torch.optim.AdamW(params, lr=1e-4) for v, (_, params) in models.items()}
     steps: dict[str, Callable[[], None]] = {
         v: (lambda v=v: train_step(models[v][0], batch, optimizers[v])) for v in VARIANTS
     }
@@ -185,8 +161,8 @@ def bench(kind: str, args: argparse.Namespace) -> dict:
             for _ in range(args.steps):
                 steps[v]()
             samples[v].append((time.perf_counter() - t0) / args.steps)
-    trainable = {v: sum(p.numel() for p in params) for v, (_, params, _) in models.items()}
-    return {"samples": samples, "trainable": trainable, "diff": diff, "converted": models["peft"][2]}
+    trainable = {v: sum(p.numel() for p in params) for v, (_, params) in models.items()}
+    return {"samples": samples, "trainable": trainable, "diff": diff}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -197,7 +173,6 @@ TITLES = {
 
 
 def report(results: dict[str, dict], args: argparse.Namespace, load: str) -> list[str]:
-    converted = results.get("efficientnet_lite0", {}).get("converted", 0)
     lines = header(
         "LoRA training step: the suite's layers vs PEFT vs the frozen-backward floor",
         "benchmarks/perf/lora_step.py",
@@ -215,8 +190,8 @@ def report(results: dict[str, dict], args: argparse.Namespace, load: str) -> lis
         "- `peft`: `peft.get_peft_model(model, LoraConfig(r, lora_alpha, lora_dropout, target_modules))`, head",
         "  made trainable by hand. EfficientNet's package builds its convolutions as `Conv2dStaticSamePadding`,",
         "  a subclass of `nn.Conv2d` that PEFT cannot instantiate for its own LoRA convolutions (its",
-        f"  constructor asserts an `image_size`); for PEFT only, the {converted} targeted 1x1 convolutions",
-        "  were converted to plain `nn.Conv2d` with copied weights (1x1, stride 1: no padding, same output);",
+        "  constructor asserts an `image_size`); the suite's builder (`efficientnet_lite0_net`) makes every",
+        "  1x1, stride-1 convolution a plain `nn.Conv2d` with the same weights (no padding, same output);",
         "- `floor`: the frozen model without LoRA; only the head trains. A forward hook makes the output of",
         "  the first module (MiniLM: the embeddings; EfficientNet: the stem convolution) require grad, so",
         "  backward runs through every layer computing input gradients, but no weight gradients. This is",
