@@ -1,7 +1,8 @@
-"""Running a benchmark's planned runs: the missing ones, in a local process pool, resumable.
+"""Running a benchmark's planned runs: the missing ones, in a local process pool or on Ray, resumable.
 
 A run is skipped when its ``result.json`` exists; a failure becomes a ``failed`` record and the sweep
-goes on; a killed sweep resumes each unfinished run from its round checkpoint.
+goes on; a killed sweep resumes each unfinished run from its round checkpoint. ``backend="ray"`` runs
+each pending run as a Ray task instead (ilora/ray_sweep.py, docs/ray.md), with the same records.
 """
 
 from __future__ import annotations
@@ -16,10 +17,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ilora.benchmark import PlannedRun, read_record
 from ilora.config import RunConfig
+
+if TYPE_CHECKING:
+    from ilora.ray_sweep import RayOptions
+
+BACKENDS = ("local", "ray")
 
 # ------------------------------------------------------------------------------------------- execution
 Runner = Callable[[RunConfig], dict[str, Any]]
@@ -78,6 +84,12 @@ def _worker_init(jobs: int) -> None:
         pass
 
 
+def _execute_in_worker(runner: Runner, cfg: RunConfig, run_id: str, jobs: int) -> tuple[str, dict[str, Any], float]:
+    """``_execute`` in a worker that another backend started (a Ray task), set up as a pool worker."""
+    _worker_init(jobs)
+    return _execute(runner, cfg, run_id)
+
+
 def threads_per_job(jobs: int) -> int:
     from ilora.runner import resolve_threads
 
@@ -91,11 +103,13 @@ class SweepSummary:
     ran: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     diverged: list[str] = field(default_factory=list)
+    lost: list[tuple[str, str]] = field(default_factory=list)  # Ray: the worker died past its retries
     seconds: float = 0.0
 
     def line(self) -> str:
+        lost = f", {len(self.lost)} lost" if self.lost else ""
         text = (f"{self.planned} runs: {self.skipped} already done, {self.ran} run now in {self.seconds:.0f}s"
-                f" ({len(self.failed)} failed, {len(self.diverged)} diverged)")
+                f" ({len(self.failed)} failed, {len(self.diverged)} diverged{lost})")
         return text
 
 
@@ -111,15 +125,20 @@ def pending(runs: list[PlannedRun], retry_failed: bool = False) -> list[PlannedR
 
 def run_sweep(
     runs: list[PlannedRun],
-    jobs: int = 1,
+    jobs: int | None = 1,
     runner: Runner | None = None,
     retry_failed: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    backend: str = "local",
+    ray_options: RayOptions | None = None,
 ) -> SweepSummary:
-    """Run what is missing of ``runs`` in ``jobs`` processes; failures are recorded and skipped over."""
+    """Run what is missing of ``runs``: in ``jobs`` local processes, or as Ray tasks (``backend="ray"``,
+    at most ``jobs`` at a time, None: as many as the cluster holds). Failures are recorded and skipped over."""
     from tqdm.auto import tqdm
 
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (valid: {', '.join(BACKENDS)})")
     runner = runner or run_one
     todo = pending(runs, retry_failed)
     summary = SweepSummary(planned=len(runs), skipped=len(runs) - len(todo))
@@ -135,32 +154,44 @@ def run_sweep(
             summary.failed.append((run_id, str(record.get("error"))))
         elif status == "diverged":
             summary.diverged.append(run_id)
+        elif status == "lost":
+            summary.lost.append((run_id, str(record.get("error"))))
         acc_text = f"{acc:.4f}" if isinstance(acc, (int, float)) else "-"
         say(f"[{status:>8}] {run_id}  accuracy {acc_text}  {seconds:.0f}s")
         bar.update(1)
 
     try:
-        if jobs <= 1 or len(todo) <= 1:
-            for run in todo:
-                done(*_execute(runner, run.config, run.run_id))
+        if backend == "ray":
+            from ilora.ray_sweep import RayOptions, run_on_ray
+
+            run_on_ray(todo, runner, _execute_in_worker, done, ray_options or RayOptions(), jobs, say)
         else:
-            ctx = get_context("spawn")
-            pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
-                                       initargs=(jobs,))
-            try:
-                futures: set[Future] = {pool.submit(_execute, runner, r.config, r.run_id) for r in todo}
-                while futures:
-                    finished, futures = wait(futures, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        done(*fut.result())
-            except BaseException:  # interrupted: drop what has not started, stop what runs (records are
-                workers = list((getattr(pool, "_processes", None) or {}).values())  # all-or-nothing; a run
-                pool.shutdown(wait=False, cancel_futures=True)  # resumes from its round checkpoint)
-                for process in workers:
-                    process.terminate()
-                raise
-            pool.shutdown()
+            _run_local(todo, jobs or 1, runner, done)
     finally:
         bar.close()
         summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _run_local(todo: list[PlannedRun], jobs: int, runner: Runner,
+               done: Callable[[str, dict[str, Any], float], None]) -> None:
+    """The local backend: one after another, or in a pool of ``jobs`` spawned processes."""
+    if jobs <= 1 or len(todo) <= 1:
+        for run in todo:
+            done(*_execute(runner, run.config, run.run_id))
+        return
+    ctx = get_context("spawn")
+    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(jobs,))
+    try:
+        futures: set[Future] = {pool.submit(_execute, runner, r.config, r.run_id) for r in todo}
+        while futures:
+            finished, futures = wait(futures, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                done(*fut.result())
+    except BaseException:  # interrupted: drop what has not started, stop what runs (records are
+        workers = list((getattr(pool, "_processes", None) or {}).values())  # all-or-nothing; a run
+        pool.shutdown(wait=False, cancel_futures=True)  # resumes from its round checkpoint)
+        for process in workers:
+            process.terminate()
+        raise
+    pool.shutdown()
