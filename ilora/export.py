@@ -318,8 +318,9 @@ def export_run(run_dir: Path, fmt: str = "peft", out: Path | None = None) -> lis
         raise UserError(f"RUN_DIR {run_dir} holds no result.json (a finished run's directory, e.g. runs/cpu/<run_id>)")
     record = json.loads(record_path.read_text())
     if not model_path.is_file():
-        raise UserError(f"RUN_DIR {run_dir} holds no {GLOBAL_MODEL}: the run ended {record.get('status')!r} or was "
-                        f"recorded before runs saved their final model; run it again with --force")
+        raise UserError(f"RUN_DIR {run_dir} holds no {GLOBAL_MODEL}: the run ended {record.get('status')!r}, was "
+                        "recorded before runs saved their final model (run it again with --force), or is a "
+                        "personalised method's run on Flower (its models stay on the clients)")
     cfg: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), record["config"]))
     backbone = build_model(cfg.model, ModelOptions(
         num_classes=record["num_classes"], rank=max(cfg.ranks), lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
