@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import pytest
 
 from ilora.benchmark import expand, load_benchmark
 from ilora.config import RunConfig
+from ilora.flower.local import descendants, free_port  # the same process bookkeeping as the Flower deployment
 from ilora.ray_sweep import RayOptions
 from ilora.runner import run_id_for, write_record
 from ilora.sweep import run_sweep
@@ -145,30 +145,6 @@ def test_a_killed_worker_is_retried_and_a_run_out_of_retries_is_left_without_a_r
 
 
 # --------------------------------------------------------------------------------- the drill
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def command_line(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
