@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from ilora.algorithm import ClientModel
 from ilora.errors import UserError
-from ilora.lora import PEFT_PREFIX, LoRAConv1x1, LoRALinear, LoRASlice, QKVLoRA
+from ilora.lora import LoRAConv1x1, LoRALinear, LoRASlice, QKVLoRA, save_peft_adapter
 from ilora.models import Backbone
 
 GLOBAL_MODEL = "global_model.safetensors"
@@ -171,36 +172,15 @@ def peft_targets(backbone: Backbone, model: ClientModel) -> dict[str, tuple[Tens
 
 
 def write_peft(backbone: Backbone, model: ClientModel, out: Path) -> list[Path]:
-    """``adapter_config.json`` + ``adapter_model.safetensors`` for ``PeftModel.from_pretrained``."""
+    """``adapter_config.json`` + ``adapter_model.safetensors`` for ``PeftModel.from_pretrained``, scaling 1."""
     dtype = next(iter(backbone.lora_layers.values())).base.weight.dtype
-    state, ranks = {}, {}
-    for target, (B, A, conv) in sorted(peft_targets(backbone, model).items()):
-        B, A = B.to(dtype).contiguous(), A.to(dtype).contiguous()
+    A, B = {}, {}
+    for target, (B_t, A_t, conv) in sorted(peft_targets(backbone, model).items()):
+        B_t, A_t = B_t.to(dtype), A_t.to(dtype)
         if conv:  # PEFT's LoRA on a 1x1 convolution keeps its factors as 1x1 convolutions
-            B, A = B[:, :, None, None], A[:, :, None, None]
-        state[f"{PEFT_PREFIX}{target}.lora_A.weight"] = A.contiguous()
-        state[f"{PEFT_PREFIX}{target}.lora_B.weight"] = B.contiguous()
-        ranks[target] = int(A.shape[0])
-    r = max(ranks.values())
-    save_file(state, str(out / "adapter_model.safetensors"))
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": backbone.hf_name,
-        "r": r,
-        "lora_alpha": r,  # scaling alpha / r = 1 on every layer: the scales are folded into lora_B
-        "rank_pattern": {t: k for t, k in ranks.items() if k != r},
-        "alpha_pattern": {t: k for t, k in ranks.items() if k != r},
-        "target_modules": sorted(ranks),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "use_rslora": False,
-        "modules_to_save": None,
-        "init_lora_weights": True,
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-    }
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+            B_t, A_t = B_t[:, :, None, None], A_t[:, :, None, None]
+        A[target], B[target] = A_t, B_t
+    save_peft_adapter(out, A, B, alpha=None, base_model=backbone.hf_name)
     return [out / "adapter_config.json", out / "adapter_model.safetensors"]
 
 
@@ -293,8 +273,6 @@ def export_model(backbone: Backbone, model: ClientModel, fmt: str, out: Path, ab
 
 
 def _remove_tree(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
 
 

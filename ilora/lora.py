@@ -207,14 +207,16 @@ def save_peft_adapter(
     directory: str | Path,
     A: Mapping[str, Tensor],
     B: Mapping[str, Tensor],
-    alpha: float,
+    alpha: float | None,
     base_model: str | None = None,
     modules_to_save: list[str] | None = None,
     extra_tensors: Mapping[str, Tensor] | None = None,
 ) -> Path:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` loadable by PEFT.
 
-    ``A`` / ``B`` must be plain LoRA factors (an offset or merged delta has to be folded in first).
+    ``A`` / ``B`` must be plain LoRA factors (an offset or merged delta has to be folded in first); a 1x1
+    convolution's factors are 4-D, as PEFT keeps them. ``alpha=None``: each layer's alpha is its rank, so
+    that PEFT's scaling is 1 everywhere (the scales already folded into ``B``).
     """
     from safetensors.torch import save_file
 
@@ -222,7 +224,7 @@ def save_peft_adapter(
     directory.mkdir(parents=True, exist_ok=True)
     ranks = {name: int(a.shape[0]) for name, a in A.items()}
     r = max(ranks.values())
-    targets = sorted({name.rsplit(".", 1)[-1] for name in A})
+    targets = sorted(A)  # full module names: exactly the adapted layers, never a namesake elsewhere
     state = peft_state_dict(A, B)
     for key, value in (extra_tensors or {}).items():
         state[PEFT_PREFIX + key] = value.detach().contiguous().cpu()
@@ -232,12 +234,13 @@ def save_peft_adapter(
         "task_type": None,
         "base_model_name_or_path": base_model,
         "r": r,
-        "lora_alpha": alpha,
+        "lora_alpha": r if alpha is None else alpha,
         "rank_pattern": {n: k for n, k in ranks.items() if k != r},
-        "alpha_pattern": {},
+        "alpha_pattern": {n: k for n, k in ranks.items() if k != r} if alpha is None else {},
         "target_modules": targets,
         "lora_dropout": 0.0,
         "bias": "none",
+        "use_rslora": False,
         "modules_to_save": modules_to_save,
         "init_lora_weights": True,
         "fan_in_fan_out": False,
