@@ -45,7 +45,7 @@ from ilora.config import PUBLIC_KEYS, RunConfig, available_presets, resolve_conf
 from ilora.errors import ConfigError
 
 BENCHMARK_ROOT = Path(__file__).resolve().parent.parent / "benchmarks"
-SWEEP_PRESETS = ("paper", "cpu", "smoke")
+SWEEP_PRESETS = ("paper", "cpu", "quick", "smoke")
 
 
 @dataclass(frozen=True)
@@ -220,8 +220,13 @@ def _dotlist(overrides: dict[str, Any]) -> list[str]:
     return out
 
 
+COMMITTED_RECORDS = ("cpu", "paper")  # presets whose records are committed with their tables
+
+
 def default_out_dir(preset: str) -> str:
-    return os.path.join("runs", preset)
+    """Where a sweep of ``preset`` keeps its records: ``results/records/<preset>`` for the presets whose tables
+    are committed (the records are committed with them, checkpoints and models are not), else ``runs/<preset>``."""
+    return os.path.join("results", "records", preset) if preset in COMMITTED_RECORDS else os.path.join("runs", preset)
 
 
 def expand(

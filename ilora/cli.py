@@ -53,7 +53,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         tracker.finish(record)
     rounds = record["rounds"]
     if record["status"] == "diverged":
-        print(f"run diverged at round {len(rounds)} (non-finite loss)", file=sys.stderr)
+        reason = f": {record['error']}" if record.get("error") else ""
+        print(f"run diverged at round {record.get('diverged_round') or len(rounds)}{reason}", file=sys.stderr)
     elif record["status"] != "ok":
         print(f"run {record['status']}: {record['error']}", file=sys.stderr)
     if rounds and record["status"] == "ok":
@@ -164,23 +165,33 @@ def _check_preset(preset: str) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from ilora.benchmark import default_out_dir, plan, resolve_benchmarks
-    from ilora.sweep import run_sweep
+    from ilora.benchmark import default_out_dir, expand, plan, resolve_benchmarks
+    from ilora.sweep import make_plan, run_sweep
 
     _check_preset(args.preset)
     _check_run_options(args)
     _check_wandb(args)
     names, overrides = _split(args.items)
     benches = resolve_benchmarks(names)
+    if args.report:
+        from ilora.report import guard_committed
+
+        guard_committed(Path(args.results_dir), args.preset, args.out_dir, args.overwrite_results)
     runs = plan(benches, args.preset, overrides, args.out_dir)
     out = args.out_dir or default_out_dir(args.preset)
     print(f"{len(benches)} benchmark(s), {len(runs)} distinct runs, preset {args.preset}, "
           f"{_parallelism(args)}, records under {out}", file=sys.stderr)
+    members = {b.name: [r.run_id for r in expand(b, args.preset, overrides, args.out_dir)] for b in benches}
+    for line in make_plan(runs, members, args.jobs or 1, args.retry_failed).lines(args.jobs or 1):
+        print(line, file=sys.stderr)
+    if args.plan:
+        return 0
     summary = run_sweep(runs, retry_failed=args.retry_failed, **_backend(args))
     print(summary.line(), file=sys.stderr)
     if args.report:
         written = _report(args, benches, overrides)
         print(f"report: {len(written)} files under {args.results_dir}/", file=sys.stderr)
+        return max(_unfinished(runs), _report_gaps(written))
     return _unfinished(runs)
 
 
@@ -195,7 +206,9 @@ def _unfinished(runs: list[Any]) -> int:
             bad.append(f"  missing: {run.run_id}: no results record (rerun the same command to resume it)")
         if record.get("status") in ("failed", "diverged"):
             rounds = len(record.get("rounds") or [])
-            detail = record.get("error") if record["status"] == "failed" else f"diverged at round {rounds}"
+            detail = record.get("error") if record["status"] == "failed" else \
+                f"diverged at round {record.get('diverged_round') or rounds}" + \
+                (f" ({record['error']})" if record.get("error") else "")
             bad.append(f"  {record['status']}: {run.run_id}: {detail}")
     for line in bad:
         print(line, file=sys.stderr)
@@ -212,7 +225,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     written = _report(args, benches, overrides, plots=not args.no_plots)
     for path in written:
         print(path)
-    return 0
+    return _report_gaps(written)
+
+
+def _report_gaps(written: Any) -> int:
+    """Say which tables were left alone (no records) and which are partial; 1 if any was left alone."""
+    for name, runs in getattr(written, "missing", {}).items():
+        print(f"partial: {name}: {len(runs)} planned runs have no record: {'; '.join(runs[:6])}"
+              + (f"; and {len(runs) - 6} more" if len(runs) > 6 else ""), file=sys.stderr)
+    for name in getattr(written, "skipped", []):
+        print(f"not written: {name}: none of its planned runs has a record (its table and plots are left as "
+              "they were; run the sweep first, or give --out-dir)", file=sys.stderr)
+    return 1 if getattr(written, "skipped", []) else 0
 
 
 def _check_wandb(args: argparse.Namespace) -> None:
@@ -236,7 +260,7 @@ def _report(args: argparse.Namespace, benches: list[Any], overrides: list[str], 
 
     built: list[Any] = []
     written = report(benches, args.preset, overrides, args.out_dir, Path(args.results_dir), plots=plots,
-                     built=built if args.wandb else None)
+                     built=built if args.wandb else None, overwrite=args.overwrite_results)
     if args.wandb:
         from ilora.wandb_report import default_directory, log_report
 
@@ -253,11 +277,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from ilora.benchmark import expand, load_benchmark
-    from ilora.report import build_table, collect, plot_communication, plot_rounds, ranking, write_table
+    from ilora.report import (
+        build_table,
+        collect,
+        guard_committed,
+        plot_communication,
+        plot_rounds,
+        ranking,
+        write_table,
+    )
     from ilora.sweep import run_sweep
 
     _check_preset(args.preset)
     _check_run_options(args)
+    guard_committed(Path(args.results_dir), args.preset, args.out_dir, args.overwrite_results)
     bench = load_benchmark(args.benchmark)
     runs = expand(bench, args.preset, args.overrides, args.out_dir)
     summary = run_sweep(runs, retry_failed=args.retry_failed, **_backend(args))
@@ -279,7 +312,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _common_options(parser: argparse.ArgumentParser, run: bool) -> None:
     """Options shared by ``sweep``, ``report`` and ``compare`` (``run``: those that launch runs)."""
-    parser.add_argument("--preset", default="cpu", help="paper | cpu | smoke (default cpu)")
+    parser.add_argument("--preset", default="cpu", help="paper | cpu | quick | smoke (default cpu)")
     if run:
         parser.add_argument("--jobs", type=int, default=None,
                             help="parallel processes (CPU threads are split; default 1); "
@@ -293,8 +326,13 @@ def _common_options(parser: argparse.ArgumentParser, run: bool) -> None:
         parser.add_argument("--cpus-per-run", type=int, default=None,
                             help="--backend ray: CPUs each run declares (default its threads setting, auto: 1)")
         parser.add_argument("--retry-failed", action="store_true", help="also redo runs recorded as failed")
-    parser.add_argument("--out-dir", default=None, help="where run records live (default runs/<preset>)")
+    parser.add_argument("--out-dir", default=None,
+                        help="where run records live (default results/records/<preset> for cpu and paper, whose "
+                             "records are committed; runs/<preset> otherwise)")
     parser.add_argument("--results-dir", default="results", help="where tables and plots go")
+    parser.add_argument("--overwrite-results", action="store_true",
+                        help="allow replacing the committed cpu/paper tables in results/ from records other than "
+                             "the committed ones under results/records/<preset>")
 
 
 def _wandb_options(parser: argparse.ArgumentParser) -> None:
@@ -312,6 +350,8 @@ def add_sweep_parsers(sub: Any) -> None:
     sweep.add_argument("items", nargs="*", help="benchmark names (or all), then key=value overrides")
     _common_options(sweep, run=True)
     sweep.add_argument("--report", action="store_true", help="build the tables and plots afterwards")
+    sweep.add_argument("--plan", action="store_true",
+                       help="print the plan (runs per benchmark, what is left, the expected time) and stop")
     _wandb_options(sweep)
     sweep.set_defaults(func=cmd_sweep)
 

@@ -49,6 +49,10 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     grad_clip: float | None = None
+    # divergence: a run is recorded as diverged, not ok, when a loss exceeds this many times ln(classes) (the
+    # loss of a uniform guess) or the first round's test loss, or (divergence_at_chance) it ends at chance
+    divergence_loss_factor: float = 4.0
+    divergence_at_chance: bool = True
     # LoRA
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1
@@ -198,6 +202,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.lr <= 0:
         raise ConfigError(f"lr must be positive, got {cfg.lr}")
+    if cfg.divergence_loss_factor <= 1:
+        raise ConfigError(f"divergence_loss_factor must be above 1, got {cfg.divergence_loss_factor}")
     if cfg.partition == "dirichlet" and cfg.dirichlet_alpha <= 0:
         raise ConfigError(f"dirichlet_alpha must be positive, got {cfg.dirichlet_alpha}")
     if not 0 <= cfg.lora_dropout < 1:
@@ -305,10 +311,19 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 _NOT_IDENTITY = {
     "out_dir", "run_id", "progress", "wandb", "wandb_project", "wandb_group", "wandb_tags", "device", "preset",
     "threads", "export", "engine", "flower_client_cpus", "flower_client_gpus", "flower_timeout", "flower_min_clients",
+    "divergence_loss_factor", "divergence_at_chance",
 }
 
 
+# Keys added after the committed records (results/records/) were made, each with the value every earlier run
+# had in effect: left out of a run's identity while they hold it, so that a new option never orphans the
+# committed records. Add a key here when you add it to RunConfig with a default that keeps today's behaviour.
+ADDED_KEYS: dict[str, Any] = {}
+
+
 def config_hash(cfg: RunConfig) -> str:
-    """A stable id of what a run computes (the resolved config minus bookkeeping keys)."""
-    ident = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IDENTITY}
+    """A stable id of what a run computes (the resolved config minus bookkeeping keys and added keys at the
+    value earlier runs had)."""
+    ident = {k: v for k, v in to_dict(cfg).items()
+             if k not in _NOT_IDENTITY and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]

@@ -11,12 +11,9 @@ beside a column only where such a value exists; the communication column is the 
 from __future__ import annotations
 
 import math
-import os
-import platform
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -545,6 +542,34 @@ PLOTS = {"rounds": plot_rounds, "alpha": plot_x_axis, "communication": plot_comm
 
 
 # ---------------------------------------------------------------------------------------- the report
+class ReportFiles(list):
+    """The files a report wrote, and what it could not write: benchmarks with no records at all (their
+    tables left as they were) and, per benchmark, the planned runs that have no record yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped: list[str] = []
+        self.missing: dict[str, list[str]] = {}
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COMMITTED_RESULTS = REPO_ROOT / "results"
+COMMITTED_PRESETS = ("cpu", "paper")  # presets whose tables, plots and records are committed under results/
+
+
+def guard_committed(results_dir: Path, preset: str, out_dir: str | None, overwrite: bool = False) -> None:
+    """Refuse to write the committed tables of ``preset`` from records that are not the committed ones."""
+    from ilora.benchmark import default_out_dir
+
+    if overwrite or preset not in COMMITTED_PRESETS or results_dir.resolve() != COMMITTED_RESULTS.resolve():
+        return
+    records = Path(out_dir or default_out_dir(preset))
+    if records.resolve() != (COMMITTED_RESULTS / "records" / preset).resolve():
+        raise UserError(f"refusing to replace the committed {preset} tables in {results_dir}/ with a report of the "
+                        f"records under {records} (the committed records are results/records/{preset}): give "
+                        "--results-dir DIR for this report, or --overwrite-results to replace them")
+
+
 def report(
     benches: list[Benchmark],
     preset: str,
@@ -553,21 +578,35 @@ def report(
     results_dir: Path = Path("results"),
     plots: bool = True,
     built: list[tuple[Benchmark, Table]] | None = None,
-) -> list[Path]:
+    overwrite: bool = False,
+) -> ReportFiles:
     """Tables (and plots) of ``benches`` from the records under the sweep's ``out_dir``; each built table is
-    also appended to ``built`` when given (``ilora report --wandb`` logs them)."""
+    also appended to ``built`` when given (``ilora report --wandb`` logs them).
+
+    Only what the records support is written: a benchmark none of whose planned runs has a record keeps
+    its existing table and plots (``skipped``); a partial table names its missing runs in its notes. The
+    committed tables are written only from the committed records (``overwrite``: from any).
+    """
+    guard_committed(results_dir, preset, out_dir, overwrite)
     if any(bench.runs_at(preset) for bench in benches):
         check_records(preset, out_dir)
-    written: list[Path] = []
-    all_records: list[pd.DataFrame] = []
+    written = ReportFiles()
     for bench in benches:
         if not bench.runs_at(preset):
             written.append(write_not_run(bench, preset, results_dir / "tables" / preset))
             continue
         runs = expand(bench, preset, overrides, out_dir)
         df = collect(runs)
-        all_records.append(df)
+        absent = [r for r, status in zip(runs, df["status"]) if status == "missing"] if not df.empty else runs
+        if runs and len(absent) == len(runs):
+            written.skipped.append(bench.name)
+            continue
+        if absent:
+            written.missing[bench.name] = [_run_text(r) for r in absent]
         table = build_table(bench, preset, df)
+        if absent:
+            table.notes.append(f"Partial: {len(absent)} of {len(runs)} planned runs have no record yet "
+                               f"({_abbreviated([_run_text(r) for r in absent])}).")
         if built is not None:
             built.append((bench, table))
         written += write_table(table, bench.name, preset, results_dir / "tables" / preset, bench.description)
@@ -579,6 +618,14 @@ def report(
                 written += PLOTS[kind](bench, preset, df, target)
     written.append(write_provenance(benches, preset, out_dir, results_dir / "tables" / preset, overrides))
     return written
+
+
+def _run_text(run: PlannedRun) -> str:
+    return " ".join(f"{k}={v}" for k, v in run.labels.items())
+
+
+def _abbreviated(items: list[str], limit: int = 6) -> str:
+    return "; ".join(items[:limit]) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def check_records(preset: str, out_dir: str | None) -> Path:
@@ -612,15 +659,16 @@ def write_not_run(bench: Benchmark, preset: str, directory: Path) -> Path:
 def write_provenance(
     benches: list[Benchmark], preset: str, out_dir: str | None, directory: Path, overrides: list[str] | None = None
 ) -> Path:
-    """Where the tables came from: machine, versions and commits of the records, when (the same runs as
-    the tables: the benchmarks expanded with the same overrides)."""
+    """Where the tables came from, read from the records alone (the same runs as the tables: the benchmarks
+    expanded with the same overrides), so that the same records always give the same file."""
     from ilora.benchmark import default_out_dir
     from ilora.runner import write_atomic
 
     root = Path(out_dir or default_out_dir(preset))
     versions: dict[str, set[str]] = {}
     devices: set[str] = set()
-    count, seconds = 0, 0.0
+    processors: set[str] = set()
+    count, seconds, finished = 0, 0.0, []
     names = set()
     for bench in benches:
         for run in expand(bench, preset, overrides, out_dir):
@@ -632,18 +680,20 @@ def write_provenance(
         count += 1
         seconds += sum(r.get("wall_s", 0.0) for r in rec.get("rounds") or [])
         devices.add(str(rec.get("device")))
+        processors.add(str(rec.get("processor") or "not recorded"))
+        if rec.get("finished"):
+            finished.append(str(rec["finished"]))
         for k, v in (rec.get("versions") or {}).items():
             versions.setdefault(k, set()).add(str(v))
     lines = [
         f"# Provenance of the `{preset}` tables", "",
-        f"- generated: {datetime.now(timezone.utc).isoformat(timespec='seconds')} by `ilora report`",
         f"- benchmarks: {', '.join(b.name for b in benches)}",
         f"- overrides: {' '.join(overrides) if overrides else 'none'}",
-        f"- results records: {count} of {len(names)} planned runs, under `{root}` (not in git)",
-        f"- training + evaluation time in those records: {seconds / 60:.1f} min",
-        f"- report machine: {platform.platform()}, {os.cpu_count()} CPU cores, "
-        f"Python {platform.python_version()}",
+        f"- results records: {count} of {len(names)} planned runs, under `{root.as_posix()}`",
+        f"- training + evaluation time in those records: {seconds / 60:.1f} min (summed over runs)",
+        f"- records finished: {min(finished)} to {max(finished)}" if finished else "- records finished: -",
         f"- run devices: {', '.join(sorted(devices)) or '-'}",
+        f"- run processors: {', '.join(sorted(processors)) or '-'}",
     ]
     for k, v in sorted(versions.items()):
         lines.append(f"- {k}: {', '.join(sorted(v))}")

@@ -78,6 +78,17 @@ def package_version(name: str) -> str | None:
         return None
 
 
+def processor_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere): speeds differ by processor."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def versions() -> dict[str, str | None]:
     try:
         commit = subprocess.run(
@@ -160,16 +171,72 @@ class RunParts:
         return {
             "partition_hash": self.spec.key(self.cfg.dataset, "train", self.data.train.labels),
             "client_sizes": [len(p) for p in self.parts],
+            "initial_head_sha256": tensors_sha256(algorithm.fed.head_init),
             "num_train": len(self.data.train),
             "num_test": len(self.data.test),
             "num_classes": self.data.num_classes,
+            "chance_accuracy": chance_accuracy(self.data.test.labels),
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+            "processor": processor_name(),
             "method_options": dataclasses.asdict(algorithm.config),
             "evaluation": (
                 "personalised: mean over clients of each client's own model's accuracy on the global test set"
                 if algorithm.info.personalised else "global model on the global test set"
             ),
         }
+
+
+def tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    """A fingerprint of named tensors (names, shapes, dtypes and bytes, in name order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def chance_accuracy(labels: Any) -> float:
+    """The accuracy of always guessing the test set's most frequent class."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64))
+    return float(counts.max() / counts.sum()) if counts.size else 0.0
+
+
+def divergence(rounds: list[dict[str, Any]], num_classes: int | None, chance: float | None,
+               cfg: RunConfig) -> tuple[int, str] | None:
+    """The round and the reason a run diverged, or None.
+
+    A run diverged when a loss is not finite; when a round's mean training loss or test loss exceeds
+    ``divergence_loss_factor`` times the larger of ``ln(classes)`` (a uniform guess: about where an
+    untrained head starts) and the first round's test loss; or, with ``divergence_at_chance``, when it
+    ends no better than always guessing the most frequent test class (plus one point).
+    """
+    if not rounds:
+        return None
+    factor = cfg.divergence_loss_factor
+    uniform = math.log(num_classes) if num_classes and num_classes > 1 else 1.0
+    first = rounds[0]["loss"]
+    limit = factor * max(uniform, first if math.isfinite(first) else uniform)
+    for r in rounds:
+        for name, key, bound in (("test loss", "loss", limit), ("training loss", "train_loss", factor * uniform)):
+            value = r.get(key)
+            if value is None:
+                continue
+            if not math.isfinite(value):
+                return r["round"], f"{name} is {value} in round {r['round']}"
+            if value > bound:
+                return r["round"], (f"{name} {value:.3g} in round {r['round']} is above {bound:.3g} "
+                                    f"({factor:g} x max(ln {num_classes}, round 1's test loss))"
+                                    if key == "loss" else
+                                    f"{name} {value:.3g} in round {r['round']} is above {bound:.3g} "
+                                    f"({factor:g} x ln {num_classes}, a uniform guess's loss)")
+    last = rounds[-1]
+    if cfg.divergence_at_chance and chance is not None and last["accuracy"] <= chance + 0.01:
+        return last["round"], (f"accuracy {100 * last['accuracy']:.2f}% after round {last['round']} is at chance "
+                               f"(the most frequent test class is {100 * chance:.2f}%)")
+    return None
 
 
 def build_partition(cfg: RunConfig) -> tuple[Any, PartitionSpec, list[np.ndarray]]:
@@ -274,8 +341,11 @@ def run_experiment(cfg: RunConfig, tracker: Any = None, build: Any = None, engin
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc()
     accs = [r["accuracy"] for r in record["rounds"]]
-    if record["rounds"] and not math.isfinite(record["rounds"][-1]["loss"]):
+    diverged = divergence(record["rounds"], record.get("num_classes"), record.get("chance_accuracy"), cfg) \
+        if record["status"] == "ok" else None
+    if diverged is not None:
         record["status"] = "diverged"
+        record["diverged_round"], record["error"] = diverged
     record["final_accuracy"] = accs[-1] if accs else None
     record["best_accuracy"] = max(accs) if accs else None
     if record["status"] == "ok":

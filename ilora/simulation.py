@@ -39,6 +39,7 @@ class RoundRecord:
     eval_s: float
     wall_s: float
     first_step_update: float = float("nan")  # mean over clients of ||s B A change|| from the first local step
+    client_steps: list[int] = field(default_factory=list)  # optimiser steps of each client in ``clients``, in order
     client_accuracy: list[float] = field(default_factory=list)  # personalised methods: each client's own model
     extra: dict = field(default_factory=dict)  # an engine's own facts (Flower: bytes as transmitted), flattened
 
@@ -88,16 +89,17 @@ class Simulation:
         for t in range(start_round, self.config.rounds):
             wall0 = self._now()
             self._compute_s = 0.0
-            uploads, uplink, downlink, train_losses, first_steps = {}, 0, 0, [], []
+            uploads, uplink, downlink, train_losses, first_steps, steps = {}, 0, 0, [], [], []
             for cid in tqdm(self.sampling[t], desc=f"round {t + 1}", unit="client", leave=False,
                             disable=not self.config.progress):
                 message, model = algo.download(cid)
                 downlink += message_bytes(message)
-                trained, loss, first_step = self.train_client(t, cid, model)
+                trained, loss, first_step, client_steps = self.train_client(t, cid, model)
                 uploads[cid] = algo.upload(cid, trained)
                 uplink += message_bytes(uploads[cid])
                 train_losses.append(loss)
                 first_steps.append(first_step)
+                steps.append(client_steps)
             train_s = self._now() - wall0
 
             total = sum(sizes[c] for c in uploads)
@@ -114,7 +116,7 @@ class Simulation:
                 train_loss=float(np.mean(train_losses)), uplink_bytes=uplink, downlink_bytes=downlink,
                 train_s=train_s, compute_s=self._compute_s, aggregate_s=aggregate_s, eval_s=eval_s,
                 wall_s=self._now() - wall0, first_step_update=float(np.mean(first_steps)),
-                client_accuracy=client_accuracy,
+                client_accuracy=client_accuracy, client_steps=steps,
             )
             records.append(record)
             rounds.set_postfix(acc=f"{accuracy:.4f}", loss=f"{loss:.3f}", refresh=False)
@@ -127,11 +129,12 @@ class Simulation:
         return records
 
     # ---------------------------------------------------------------------------- local training
-    def train_client(self, round_index: int, cid: int, model: ClientModel) -> tuple[ClientModel, float, float]:
+    def train_client(self, round_index: int, cid: int, model: ClientModel) -> tuple[ClientModel, float, float, int]:
         """Train client ``cid`` from ``model`` on its data.
 
-        Returns the trained tensors, the mean training loss, and the Frobenius norm of the change of
-        the adapters' product ``s B A`` (all layers together) made by the first optimiser step.
+        Returns the trained tensors, the mean training loss, the Frobenius norm of the change of
+        the adapters' product ``s B A`` (all layers together) made by the first optimiser step, and the
+        number of optimiser steps taken.
         """
         cfg, algo, data = self.config, self.algorithm, self.client_data[cid]
         torch.manual_seed(int(np.random.SeedSequence([self.seed, round_index, cid]).generate_state(1)[0]))
@@ -166,7 +169,7 @@ class Simulation:
             if before is not None:
                 first_step = self._product_change(before, model.scale)
         mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
-        return self.read(model), mean_loss, first_step
+        return self.read(model), mean_loss, first_step, len(losses)
 
     def _factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         return {n: (l.effective_A.detach().clone(), l.lora_B.detach().clone())

@@ -113,6 +113,67 @@ class SweepSummary:
         return text
 
 
+@dataclass
+class Plan:
+    """What a sweep will do: its runs per benchmark, what is pending, and the time it should take here."""
+
+    per_benchmark: dict[str, tuple[int, int]]  # benchmark -> (planned runs, pending runs)
+    planned: int
+    pending: int
+    expected_s: float | None  # wall seconds for the pending runs at ``jobs`` at a time; None: nothing to go on
+    estimated: int  # pending runs whose time came from a finished record of the same kind
+    processors: list[str]  # the processors those records were measured on
+
+    def lines(self, jobs: int) -> list[str]:
+        out = [f"plan: {self.planned} distinct runs, {self.pending} to run"]
+        for name, (planned, todo) in self.per_benchmark.items():
+            out.append(f"  {name}: {planned} runs, {todo} to run")
+        if not self.pending:
+            return out
+        if self.expected_s is None:
+            out.append("  expected time: unknown (no finished record of the same dataset and model to go on)")
+        else:
+            hours = self.expected_s / 3600
+            on = ", ".join(self.processors) or "-"
+            out.append(f"  expected time: about {hours:.1f} h at {jobs} job(s), from the wall time of finished records "
+                       f"of the same dataset, model and method ({self.estimated} of {self.pending} runs; the rest at "
+                       f"their dataset and model's median), measured on {on}")
+        return out
+
+
+def make_plan(runs: list[PlannedRun], members: dict[str, list[str]], jobs: int, retry_failed: bool = False) -> Plan:
+    """The sweep's plan; each pending run's time is the median wall time of finished records of its kind
+    (dataset, model, method; else dataset and model) among ``runs``."""
+    import statistics
+
+    todo = pending(runs, retry_failed)
+    todo_ids = {r.run_id for r in todo}
+    by_kind: dict[tuple, list[float]] = {}
+    processors: set[str] = set()
+    for run in runs:
+        record = read_record(run.result_path)
+        if not record or record.get("status") != "ok":
+            continue
+        wall = sum(r.get("wall_s", 0.0) for r in record.get("rounds") or [])
+        cfg = run.config
+        by_kind.setdefault((cfg.dataset, cfg.model, cfg.method), []).append(wall)
+        by_kind.setdefault((cfg.dataset, cfg.model), []).append(wall)
+        processors.add(str(record.get("processor") or "an unrecorded processor"))
+    total, known, estimated = 0.0, True, 0
+    for run in todo:
+        cfg = run.config
+        exact = by_kind.get((cfg.dataset, cfg.model, cfg.method))
+        near = by_kind.get((cfg.dataset, cfg.model))
+        if exact:
+            estimated += 1
+        if not (exact or near):
+            known = False
+            continue
+        total += statistics.median(exact or near)
+    per = {name: (len(ids), sum(1 for i in ids if i in todo_ids)) for name, ids in members.items()}
+    return Plan(per, len(runs), len(todo), total / max(1, jobs) if known else None, estimated, sorted(processors))
+
+
 def pending(runs: list[PlannedRun], retry_failed: bool = False) -> list[PlannedRun]:
     """Runs whose results record is absent (or failed, with ``retry_failed``)."""
     todo = []

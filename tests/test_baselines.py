@@ -179,7 +179,7 @@ def test_ffa_lora_frozen_A_through_the_simulator():
     sim.run()
     assert all(torch.equal(algo.A[n], A0[n]) for n in fed.layers)
     assert any(algo.B[n].abs().max() > 0 for n in fed.layers)  # B did train
-    trained, _, _ = sim.train_client(2, 1, algo.download(1)[1])
+    trained, _, _, _ = sim.train_client(2, 1, algo.download(1)[1])
     assert all(torch.equal(trained.A[n], A0[n][:4]) for n in fed.layers)
 
 

@@ -78,8 +78,11 @@ def test_cli_list(capsys):
 def test_runs_and_sweeps_share_one_record_layout():
     from ilora.benchmark import default_out_dir
 
-    assert resolve_config([]).out_dir == default_out_dir("cpu") == str(Path("runs") / "cpu")
-    assert resolve_config(["preset=smoke"]).out_dir == default_out_dir("smoke")
+    # a single run goes to runs/<preset>; a sweep of a preset whose tables are committed keeps its records with
+    # them (results/records/<preset>), the other presets' sweeps under runs/<preset>: the same <dir>/<run_id> layout
+    assert resolve_config([]).out_dir == str(Path("runs") / "cpu")
+    assert default_out_dir("cpu") == str(Path("results") / "records" / "cpu")
+    assert resolve_config(["preset=smoke"]).out_dir == default_out_dir("smoke") == str(Path("runs") / "smoke")
     assert resolve_config(["out_dir=elsewhere"]).out_dir == "elsewhere"
 
 
@@ -87,7 +90,8 @@ def test_data_show_writes_its_heatmap_under_the_out_dir(tmp_path, monkeypatch, c
     from ilora.cli import main
 
     monkeypatch.chdir(tmp_path)
-    assert main(["data", "show", "bbc_news", "max_train_samples=60", f"out_dir={tmp_path / 'records'}"]) == 0
+    args = ["data", "show", "bbc_news", "preset=quick", "max_train_samples=60", f"out_dir={tmp_path / 'records'}"]
+    assert main(args) == 0
     (png,) = list((tmp_path / "records" / "partitions").glob("partition-bbc_news-*.png"))
     assert f"heatmap: {png}" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir()] == ["records"]

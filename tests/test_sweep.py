@@ -119,16 +119,23 @@ def test_benchmark_errors(tmp_path):
         expand(load_benchmark(str(wrong)), "smoke")
 
 
-def test_every_shipped_benchmark_expands_for_cpu_and_smoke():
+def test_every_shipped_benchmark_expands_for_cpu_quick_and_smoke():
     for bench in resolve_benchmarks(available_benchmarks()):
-        assert set(bench.presets) == {"paper", "cpu", "smoke"}
+        assert set(bench.presets) == {"paper", "cpu", "quick", "smoke"}
         assert expand(bench, "smoke"), bench.name
-        # a cpu preset either runs a grid of at least 3 seeds or says why it does not
+        expand(bench, "quick")
+        # a cpu preset either runs a grid of at least 5 seeds in the paper's regime or says why it does not
         runs = expand(bench, "cpu")
-        if runs:
-            assert len({r.labels["seed"] for r in runs}) >= 3, bench.name
-        else:
+        if not runs:
             assert bench.presets["cpu"].get("dropped"), bench.name
+            continue
+        assert len({r.labels["seed"] for r in runs}) >= 5, bench.name
+        for run in runs:
+            cfg = run.config
+            assert (cfg.local_steps, cfg.local_epochs, cfg.rounds, cfg.num_clients) == (None, 1, 5, 3), run.run_id
+            # one epoch over each client's partition: >= 50 steps per client on average, none under 20
+            assert cfg.max_train_samples / cfg.num_clients / cfg.batch_size >= 50, run.run_id
+            assert cfg.min_partition_size / cfg.batch_size >= 20, run.run_id
 
 
 def test_all_leaves_out_benchmarks_that_say_so_and_names_bring_them_in():
@@ -147,7 +154,7 @@ def test_a_preset_without_grid_runs_nothing_and_reports_why(tmp_path):
     assert not bench.runs_at("cpu") and expand(bench, "cpu") == []
     written = report([bench], "cpu", out_dir=str(tmp_path / "runs"), results_dir=tmp_path / "results")
     text = (tmp_path / "results" / "tables" / "cpu" / "many_clients.md").read_text()
-    assert "Not run at the `cpu` preset" in text and "30-minute budget" in text
+    assert "Not run at the `cpu` preset" in text and "a later grid" in text
     assert all(p.suffix == ".md" for p in written)
 
 

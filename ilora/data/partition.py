@@ -35,6 +35,10 @@ def partition(labels: np.ndarray, spec: PartitionSpec) -> list[np.ndarray]:
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
+    if spec.scheme == "dirichlet" and spec.min_partition_size * spec.num_clients > len(labels):
+        raise ConfigError(f"min_partition_size {spec.min_partition_size} x {spec.num_clients} clients needs "
+                          f"{spec.min_partition_size * spec.num_clients} training examples, the data has {len(labels)} "
+                          "(lower min_partition_size or raise max_train_samples)")
     if spec.scheme == "dirichlet":
         partitioner = DirichletPartitioner(
             num_partitions=spec.num_clients,
@@ -65,6 +69,11 @@ def partition(labels: np.ndarray, spec: PartitionSpec) -> list[np.ndarray]:
     try:
         parts = [np.sort(np.asarray(partitioner.load_partition(i)["index"])) for i in range(spec.num_clients)]
     except ValueError as exc:  # e.g. min_partition_size cannot be met
+        if "attempts" in str(exc):
+            raise ConfigError(f"partition: no Dirichlet draw (alpha {spec.dirichlet_alpha}) gave each of the "
+                              f"{spec.num_clients} clients min_partition_size={spec.min_partition_size} of the "
+                              f"{len(labels)} examples (lower min_partition_size, or raise dirichlet_alpha or "
+                              "max_train_samples)") from None
         raise ConfigError(f"partition: {exc}") from None
     return parts
 

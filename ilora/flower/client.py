@@ -164,13 +164,13 @@ def handle_train(cfg: RunConfig, msg: Message, context: Context) -> Message:
         model = replica.receive(cid, from_array_record(msg.content.array_records["message"], device), round_index)
         sim = side.simulation(cid)
         t0 = time.perf_counter()
-        trained, loss, first_step = sim.train_client(round_index, cid, model)
+        trained, loss, first_step, steps = sim.train_client(round_index, cid, model)
         upload = replica.upload(cid, trained)
         save_state(cfg, context, cid, replica.client_side_state(cid), round_index)
     finally:
         replica.load_client_side_state(cid, {})
     metrics = MetricRecord({
-        "train_loss": loss, "first_step_update": first_step, "compute_s": sim.compute_s,
+        "train_loss": loss, "first_step_update": first_step, "compute_s": sim.compute_s, "steps": steps,
         "train_s": time.perf_counter() - t0, "state_round": state_round,
     })
     return Message(RecordDict({"upload": to_array_record(upload), "metrics": metrics}), reply_to=msg)

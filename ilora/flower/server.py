@@ -81,7 +81,7 @@ class FlowerServer:
                 train_s=train_s, compute_s=self.evaluator.compute_s + sum(metrics[c]["compute_s"] for c in uploads),
                 aggregate_s=aggregate_s, eval_s=eval_s, wall_s=time.perf_counter() - wall0,
                 first_step_update=float(np.mean([metrics[c]["first_step_update"] for c in uploads])),
-                client_accuracy=client_accuracy,
+                client_accuracy=client_accuracy, client_steps=[int(metrics[c]["steps"]) for c in uploads],
             )
             up = [transmitted_bytes(replies[c]) for c in uploads]
             down = [transmitted_bytes(messages[c][1]) for c in uploads]
