@@ -288,8 +288,17 @@ def plan(
         for run in expanded[name]:
             owner.setdefault(run.run_id, run)
             members.setdefault(run.run_id, []).append(name)
-    order = dict.fromkeys(run.run_id for runs in expanded.values() for run in runs)
+    # seed-major: every run of a benchmark's first seed before its second, so that a sweep stopped early
+    # leaves whole seeds (a paired interval needs every method of a seed)
+    ranked = [(rank, run.run_id) for runs in expanded.values() for rank, run in _seed_major(runs)]
+    order = dict.fromkeys(run_id for _, run_id in sorted(ranked, key=lambda item: item[0]))
     return [dataclasses.replace(owner[i], config=_tagged(owner[i].config, members[i])) for i in order]
+
+
+def _seed_major(runs: list[PlannedRun]) -> list[tuple[int, PlannedRun]]:
+    """Each run with the position of its seed among the benchmark's seeds (0 without a seed axis)."""
+    seeds = list(dict.fromkeys(run.labels.get("seed", "") for run in runs))
+    return [(seeds.index(run.labels.get("seed", "")), run) for run in runs]
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
