@@ -123,9 +123,12 @@ def _check_run_options(args: argparse.Namespace) -> None:
     _check_jobs(args.jobs)
     if args.cpus_per_run is not None and args.cpus_per_run < 1:
         raise UserError(f"--cpus-per-run must be at least 1, got {args.cpus_per_run}")
+    if args.gpus_per_run is not None and not 0 < args.gpus_per_run <= 1:
+        raise UserError(f"--gpus-per-run must be in (0, 1], got {args.gpus_per_run}")
     if args.backend != "ray":
-        if args.address is not None or args.cpus_per_run is not None:
-            raise UserError("--address and --cpus-per-run need --backend ray (valid backends: local, ray)")
+        if args.address is not None or args.cpus_per_run is not None or args.gpus_per_run is not None:
+            raise UserError("--address, --cpus-per-run and --gpus-per-run need --backend ray (valid backends: "
+                            "local, ray)")
         return
     from ilora.ray_sweep import RayOptions, check_address
 
@@ -137,7 +140,8 @@ def _backend(args: argparse.Namespace) -> dict[str, Any]:
     if args.backend == "ray":
         from ilora.ray_sweep import RayOptions
 
-        return {"backend": "ray", "jobs": args.jobs, "ray_options": RayOptions(args.address, args.cpus_per_run)}
+        return {"backend": "ray", "jobs": args.jobs, "ray_options": RayOptions(args.address, args.cpus_per_run,
+                                                                          gpus_per_run=args.gpus_per_run or 1.0)}
     return {"backend": "local", "jobs": args.jobs or 1}
 
 
@@ -152,7 +156,8 @@ def _parallelism(args: argparse.Namespace) -> str:
         where = "a new local Ray instance" if target == "local" else f"the Ray cluster at {target}"
         cpus = str(args.cpus_per_run) if args.cpus_per_run else "its threads (1 for auto)"
         limit = f", at most {args.jobs} at a time" if args.jobs else ""
-        return f"on {where}, per run {cpus} CPU(s) + 1 GPU if the cluster has GPUs{limit}"
+        gpus = f"{args.gpus_per_run:g}" if args.gpus_per_run else "1"
+        return f"on {where}, per run {cpus} CPU(s) + {gpus} GPU if the cluster has GPUs{limit}"
     jobs = args.jobs or 1
     return f"{jobs} job(s) x {threads_per_job(jobs)} thread(s)"
 
@@ -325,6 +330,9 @@ def _common_options(parser: argparse.ArgumentParser, run: bool) -> None:
                                  "Ray instance)")
         parser.add_argument("--cpus-per-run", type=int, default=None,
                             help="--backend ray: CPUs each run declares (default its threads setting, auto: 1)")
+        parser.add_argument("--gpus-per-run", type=float, default=None,
+                            help="--backend ray on GPUs: the share of a GPU each run declares (default 1; 0.25: four "
+                                 "stand-in runs share one GPU)")
         parser.add_argument("--retry-failed", action="store_true", help="also redo runs recorded as failed")
     parser.add_argument("--out-dir", default=None,
                         help="where run records live (default results/records/<preset> for cpu and paper, whose "

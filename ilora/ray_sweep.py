@@ -47,6 +47,7 @@ class RayOptions:
     address: str | None = None  # a cluster's HOST:PORT (or auto, ray://...); None: $RAY_ADDRESS, else local
     cpus_per_run: int | None = None  # None: the run's ``threads`` when a number, else 1
     max_retries: int = MAX_RETRIES
+    gpus_per_run: float = 1.0  # a fraction lets several runs share one GPU (the stand-ins are small)
 
     def target(self) -> str:
         """The address handed to ``ray.init``: ``local`` starts a new Ray instance on this machine."""
@@ -102,23 +103,24 @@ def needs_gpu(device: str, cluster_gpus: float) -> bool:
     return device.startswith("cuda") or (device == "auto" and cluster_gpus > 0)
 
 
-def run_resources(cfg: RunConfig, options: RayOptions, cluster_gpus: float) -> dict[str, int]:
-    """What one run declares: its CPUs (``--cpus-per-run``, else its ``threads``, else 1) and one GPU if any."""
+def run_resources(cfg: RunConfig, options: RayOptions, cluster_gpus: float) -> dict[str, float]:
+    """What one run declares: its CPUs (``--cpus-per-run``, else its ``threads``, else 1) and, if it uses a GPU,
+    ``--gpus-per-run`` of one (1: a whole GPU; 0.25: four runs share one)."""
     if cfg.device.startswith("cuda:") and cfg.device != "cuda:0":
         raise UserError(f"device={cfg.device}: on Ray a run uses the GPU Ray assigns it "
                         f"(valid with --backend ray: auto, cpu, cuda)")
     cpus = options.cpus_per_run or (int(cfg.threads) if cfg.threads.isdigit() else 1)
-    return {"num_cpus": cpus, "num_gpus": 1 if needs_gpu(cfg.device, cluster_gpus) else 0}
+    return {"num_cpus": cpus, "num_gpus": options.gpus_per_run if needs_gpu(cfg.device, cluster_gpus) else 0}
 
 
-def _check_feasible(ray: Any, resources: dict[str, int]) -> None:
+def _check_feasible(ray: Any, resources: dict[str, float]) -> None:
     """Refuse a run that no node of the cluster can hold (Ray would wait for it forever)."""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if not any(n.get("CPU", 0) >= resources["num_cpus"] and n.get("GPU", 0) >= resources["num_gpus"] for n in nodes):
         largest = max((int(n.get("CPU", 0)) for n in nodes), default=0)
-        gpus = max((int(n.get("GPU", 0)) for n in nodes), default=0)
+        gpus = max((float(n.get("GPU", 0)) for n in nodes), default=0)
         raise UserError(f"a run needs {resources['num_cpus']} CPU(s) and {resources['num_gpus']} GPU(s), but the "
-                        f"largest node of the Ray cluster has {largest} CPU(s) and {gpus} GPU(s) "
+                        f"largest node of the Ray cluster has {largest} CPU(s) and {gpus:g} GPU(s) "
                         f"(lower --cpus-per-run, or use device=cpu)")
 
 

@@ -104,6 +104,7 @@ class Table:
     tidy: pd.DataFrame
     notes: list[str] = field(default_factory=list)
     reference: str | None = None  # the row label of the paired differences (e.g. fedit)
+    references: list[str] = field(default_factory=list)  # every row label compared with (fedit, lora_fair)
 
 
 def _key(labels: dict[str, str], axes: list[str]) -> str:
@@ -168,12 +169,41 @@ def paired_difference(a: Seeds, b: Seeds, level: float = 0.95) -> Paired:
     return Paired(mean, mean - half, mean + half, int(d.size))
 
 
-def reference_label(bench: Benchmark, preset: str) -> str | None:
-    """The row label every other row is compared with (``table.reference``, default ``fedit``)."""
+NOT_THE_REGIME = {  # presets whose tables are a first look, not results
+    "quick": "Quick preset: small slices and about 4 local steps per client per round, not the paper's regime "
+             "(one epoch of tens of steps, converged): a first look, not a result; the committed tables are cpu.",
+    "smoke": "Smoke preset: a few steps on a tiny slice, to check that things run; not a result.",
+}
+SECOND_REFERENCE = "lora_fair"  # the paper's runner-up: every method table also shows the difference to it
+
+
+def reference_labels(bench: Benchmark, preset: str) -> list[str]:
+    """The row labels every other row is compared with: ``table.reference`` (default ``fedit``), and LoRA-FAIR
+    (the paper's runner-up) where the rows are methods that include it."""
     last = bench.rows[-1] if bench.rows else None
     labels = {a.name: list(a.values) for a in bench.axes(preset)}.get(last or "", [])
-    ref = bench.reference or "fedit"
-    return ref if ref in labels else None
+    refs = [bench.reference or "fedit"]
+    if bench.reference is None:
+        refs.append(SECOND_REFERENCE)
+    return [r for r in dict.fromkeys(refs) if r in labels]
+
+
+def reference_label(bench: Benchmark, preset: str) -> str | None:
+    """The first reference row (``table.reference``, default ``fedit``), if the rows have it."""
+    refs = reference_labels(bench, preset)
+    return refs[0] if refs else None
+
+
+def resolvable_difference(pairs: list[Paired]) -> str | None:
+    """What a table's paired intervals can resolve: the range and median of their half-widths."""
+    halves = sorted((p.high - p.low) / 2 for p in pairs if p.n > 1 and math.isfinite(p.high - p.low))
+    if not halves:
+        return None
+    ns = sorted({p.n for p in pairs if p.n > 1})
+    seeds = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+    return (f"Resolvable difference: the paired 95% intervals against the reference rows have half-widths "
+            f"{halves[0]:.2f} to {halves[-1]:.2f} points (median {float(np.median(halves)):.2f}) with {seeds} seeds; "
+            "a difference smaller than its interval's half-width is inside the noise.")
 
 
 def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
@@ -190,8 +220,10 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
     col_keys = list(_product(axes, col_axes))
     known = bench.known_for(preset)
     ok = df[df["status"] == "ok"] if not df.empty else df
-    ref = reference_label(bench, preset)
+    refs = reference_labels(bench, preset)
+    ref = refs[0] if refs else None
     method_axis = row_axes[-1] if row_axes else None
+    pairs_seen: list[Paired] = []
 
     def seeds_of(sub: pd.DataFrame) -> Seeds:
         if sub.empty:
@@ -221,8 +253,8 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
             cells[(r, AVERAGE)] = df.iloc[0:0]
         columns.append(AVERAGE)
 
-    def ref_row(rl: dict[str, str]) -> str | None:
-        return None if ref is None or method_axis is None else _key({**rl, method_axis: ref}, row_axes)
+    def ref_row(rl: dict[str, str], reference: str | None = ref) -> str | None:
+        return None if reference is None or method_axis is None else _key({**rl, method_axis: reference}, row_axes)
 
     tidy_rows = []
     out: dict[str, list[str]] = {" / ".join(row_axes) or "run": [" / ".join(display(rl[a]) for a in row_axes)
@@ -232,7 +264,8 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
         col_labels = {a: AVERAGE for a in col_axes} if col == AVERAGE else \
             next(cl for cl in col_keys if _key(cl, col_axes) == col)
         bold = _significant_best(row_keys, groups, [values[(_key(rl, row_axes), col)] for rl in row_keys])
-        texts, diffs, papers, deltas = [], [], [], []
+        texts, papers, deltas = [], [], []
+        diffs: dict[str, list[str]] = {r: [] for r in refs}
         for i, rl in enumerate(row_keys):
             r = _key(rl, row_axes)
             mean, std, n = summarize(values[(r, col)])
@@ -240,20 +273,34 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
             if not text and statuses[(r, col)] and "ok" not in statuses[(r, col)]:
                 text = "/".join(s for s in statuses[(r, col)] if s != "missing")
             texts.append(f"**{text}**" if i in bold else text)
+            paired: dict[str, Paired | None] = {}
+            for reference in refs:
+                rr = ref_row(rl, reference)
+                pair = paired_difference(values[(r, col)], values[(rr, col)]) if rr and rr != r else None
+                paired[reference] = pair
+                diffs[reference].append("ref." if rr == r else (pair.text() if pair else ""))
+                if pair is not None:
+                    pairs_seen.append(pair)
+            pair = paired.get(ref) if ref else None
             rr = ref_row(rl)
-            pair = paired_difference(values[(r, col)], values[(rr, col)]) if rr and rr != r else None
-            diffs.append("ref." if rr == r else (pair.text() if pair else ""))
             paper = _known_value(known, rl, col_labels)
             papers.append(paper)
             deltas.append(mean - paper if paper is not None and n else None)
             sub = cells[(r, col)]
             good = sub[sub["status"] == "ok"] if not sub.empty else sub
-            tidy_rows.append({
+            row = {
                 **rl, **col_labels, "n": n, "mean": mean, "std": std if n else math.nan,
                 "ref": ref if rr and rr != r else "",
                 "diff_ref": pair.mean if pair and pair.n else math.nan,
                 "diff_ref_low": pair.low if pair else math.nan, "diff_ref_high": pair.high if pair else math.nan,
                 "significant": bool(pair.significant) if pair else False,
+            }
+            for reference in refs[1:]:
+                second = paired[reference]
+                row[f"diff_{reference}"] = second.mean if second and second.n else math.nan
+                row[f"diff_{reference}_low"] = second.low if second else math.nan
+                row[f"diff_{reference}_high"] = second.high if second else math.nan
+            row.update({
                 "best": i in bold, "paper": paper, "diff": deltas[-1],
                 "comm_mb": float(good["comm_mb"].mean()) if not good.empty else math.nan,
                 "up_mb": float(good["up_mb"].mean()) if not good.empty else math.nan,
@@ -262,9 +309,11 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
                 "statuses": ";".join(statuses[(r, col)]),
                 "run_ids": ";".join(sub["run_id"]) if not sub.empty else "",
             })
+            tidy_rows.append(row)
         out[col] = texts
-        if ref is not None and len(row_keys) > 1:
-            out[f"{col} Δ {display(ref)} [95% CI]"] = diffs
+        if len(row_keys) > 1:
+            for reference in refs:
+                out[f"{col} Δ {display(reference)} [95% CI]"] = diffs[reference]
         if any(p is not None for p in papers):
             out[f"{col} paper"] = [_num(p, "{:.2f}") for p in papers]
             out[f"{col} Δ paper"] = [_num(d, "{:+.2f}") for d in deltas]
@@ -292,6 +341,11 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
             vals.append(f"{sub['comm_mb'].mean():.3f}" if not sub.empty else "")
         out[name] = vals
     notes = [f"{k.get('note')}" for k in known if k.get("note")]
+    if preset in NOT_THE_REGIME:
+        notes.append(NOT_THE_REGIME[preset])
+    resolvable = resolvable_difference(pairs_seen)
+    if resolvable:
+        notes.append(resolvable)
     if method_axis is not None and any(personalised(rl[method_axis]) for rl in row_keys):
         notes.append(PERSONALISED_NOTE)
     dropped = bench.presets[preset].get("dropped")
@@ -302,7 +356,7 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
         ref_text = "; ".join(f"{_cell_text(k['cell'])}: {k['value']:.2f}" for k in other)
         notes.append(f"The paper's known numbers for this table (its own setting, not comparable to these "
                      f"stand-in cells): {ref_text}.")
-    return Table(bench.title, pd.DataFrame(out), tidy, sorted(set(notes), key=notes.index), ref)
+    return Table(bench.title, pd.DataFrame(out), tidy, sorted(set(notes), key=notes.index), ref, refs)
 
 
 def _significant_best(row_keys: list[dict[str, str]], groups: list[tuple[str, ...]], values: list[Seeds]) -> set[int]:
@@ -351,9 +405,9 @@ def to_markdown(table: Table, preset: str, description: str = "") -> str:
     lines += [table.display.to_markdown(index=False, disable_numparse=True), ""]
     lines += [f"- {n}" for n in table.notes]
     lines += ["- Accuracy in percent: final round, mean ± sample std over seeds, n = number of seeds."]
-    if table.reference:
-        lines += [f"- Δ {display(table.reference)} [95% CI]: each row's paired difference to "
-                  f"{display(table.reference)} over the same seeds (same partitions and client sampling), "
+    for reference in table.references or ([table.reference] if table.reference else []):
+        lines += [f"- Δ {display(reference)} [95% CI]: each row's paired difference to "
+                  f"{display(reference)} over the same seeds (same partitions, client sampling and initial head), "
                   "mean and 95% t-interval; an interval that contains 0 means the difference is inside the noise."]
     lines += ["- Bold: the best mean of its group, only where its paired 95% interval against the runner-up "
               "excludes 0 (no bold: the lead is inside the noise).",

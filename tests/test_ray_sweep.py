@@ -275,3 +275,20 @@ def test_a_sweep_survives_a_worker_node_killed_mid_run_and_gives_the_local_pool_
     left = [pid for pid in cluster.started if alive(pid)]
     assert not left, f"processes left running: {[command_line(p) for p in left]}"
     print(f"\nlocal pool {t_local:.0f}s; cluster start + ray sweep with a node killed {t_ray:.0f}s")
+
+
+def test_runs_declare_a_share_of_a_gpu_so_that_several_share_one():
+    from ilora.ray_sweep import run_resources
+
+    cfg = RunConfig(threads="1")
+    assert run_resources(cfg, RayOptions(), cluster_gpus=1) == {"num_cpus": 1, "num_gpus": 1.0}
+    assert run_resources(cfg, RayOptions(gpus_per_run=0.25), cluster_gpus=1) == {"num_cpus": 1, "num_gpus": 0.25}
+    assert run_resources(cfg, RayOptions(gpus_per_run=0.25), cluster_gpus=0)["num_gpus"] == 0  # CPU cluster
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-1"])
+def test_gpus_per_run_out_of_range_is_a_one_line_error(value, capsys):
+    from ilora.cli import main
+
+    assert main(["sweep", "x", "--backend", "ray", "--gpus-per-run", value]) == 2
+    assert "--gpus-per-run must be in (0, 1]" in capsys.readouterr().err
