@@ -254,6 +254,40 @@ def expand(
     return runs
 
 
+def select_cell(bench: Benchmark, preset: str, selectors: list[str], out_dir: str | None = None) -> PlannedRun:
+    """The one planned run of ``bench`` at ``preset`` that ``axis=label`` selectors name (``ilora run --benchmark``).
+
+    Every axis with more than one label must be named, except the seed (default: the grid's first); a
+    selector that is not an axis of the grid, or a label the axis does not have, is an error that lists
+    the valid ones. The run is exactly the sweep's: the same config, run id and record.
+    """
+    axes = {a.name: list(a.values) for a in bench.axes(preset)}
+    if not axes:
+        raise ConfigError(f"benchmark {bench.name!r} runs nothing at preset {preset!r}: "
+                          f"{bench.presets[preset].get('dropped') or 'no grid'}")
+    chosen: dict[str, str] = {}
+    for item in selectors:
+        key, sep, value = item.partition("=")
+        if not sep or key not in axes:
+            raise ConfigError(f"--benchmark {bench.name}: {item!r} does not name a cell; give axis=label for the "
+                              f"axes {', '.join(axes)} (other overrides would make a different run; use "
+                              "`ilora run key=value` for that)")
+        if value not in axes[key]:
+            raise ConfigError(f"--benchmark {bench.name}: {key} has no label {value!r} at preset {preset!r} "
+                              f"(valid: {', '.join(axes[key])})")
+        chosen[key] = value
+    if "seed" in axes:
+        chosen.setdefault("seed", axes["seed"][0])
+    missing = [name for name, labels in axes.items() if name not in chosen and len(labels) > 1]
+    if missing:
+        raise ConfigError(f"--benchmark {bench.name}: name the cell's " + "; ".join(
+            f"{name} (valid: {', '.join(axes[name])})" for name in missing))
+    for run in expand(bench, preset, None, out_dir):
+        if all(run.labels[k] == v for k, v in chosen.items()):
+            return run
+    raise ConfigError(f"--benchmark {bench.name}: no planned run has {chosen}")  # not reached
+
+
 def wandb_group(bench: str, preset: str, labels: dict[str, str]) -> str:
     """A sweep run's W&B group: ``<benchmark>/<preset>/<axis>=<label>/...``, every grid axis but the seed in
     the grid's order (the method included), so that one group holds the seeds of one table cell's method."""

@@ -32,7 +32,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ilora.runner import run_experiment, run_id_for
     from ilora.tracking import create_tracker
 
-    cfg = resolve_config(args.overrides)
+    if args.benchmark:
+        from ilora.benchmark import load_benchmark, select_cell
+
+        preset = args.preset or "cpu"
+        _check_preset(preset)
+        cell = select_cell(load_benchmark(args.benchmark), preset, args.overrides)
+        cfg = cell.config
+        print(f"cell {' '.join(f'{k}={v}' for k, v in cell.labels.items())} of {args.benchmark} ({preset} preset)",
+              file=sys.stderr)
+    else:
+        if args.preset:
+            raise UserError("--preset goes with --benchmark; for a single run give preset=NAME")
+        cfg = resolve_config(args.overrides)
     path = os.path.join(cfg.out_dir, run_id_for(cfg), "result.json")
     existing = read_record(Path(path))
     if existing is not None and not args.force:
@@ -283,12 +295,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from ilora.benchmark import expand, load_benchmark
     from ilora.report import (
+        NOT_THE_REGIME,
         build_table,
         collect,
         guard_committed,
         plot_communication,
         plot_rounds,
-        ranking,
+        rankings,
         write_table,
     )
     from ilora.sweep import run_sweep
@@ -301,10 +314,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     summary = run_sweep(runs, retry_failed=args.retry_failed, **_backend(args))
     print(summary.line(), file=sys.stderr)
     df = collect(runs)
-    first = runs[0].config
-    print(f"\n{bench.title}: {first.dataset} / {first.model}, ranks {list(first.ranks)}, "
-          f"Dirichlet {first.dirichlet_alpha}, {first.rounds} rounds ({args.preset} preset)\n")
-    print(tabulate(ranking(df), headers="keys", showindex=False, floatfmt=".2f"))
+    for cell, ranked in rankings(bench, args.preset, df):
+        first = next(r.config for r in runs if all(r.labels.get(k) == v for k, v in cell.items()))
+        setting = ", ".join(f"{k} {v}" for k, v in cell.items())
+        print(f"\n{bench.title}{': ' + setting if setting else ''} ({first.dataset} / {first.model}, ranks "
+              f"{list(first.ranks)}, Dirichlet {first.dirichlet_alpha}, {first.rounds} rounds; "
+              f"{args.preset} preset)\n")
+        if args.preset in NOT_THE_REGIME:
+            print(NOT_THE_REGIME[args.preset] + "\n")
+        print(tabulate(ranked, headers="keys", showindex=False, floatfmt=".2f"))
+    print("\ngroup: top = the leader and every method whose paired 95% interval against it contains 0 "
+          "(not distinguishable from it); below = outside it.")
     results = Path(args.results_dir)
     written = write_table(build_table(bench, args.preset, df), bench.name, args.preset,
                           results / "tables" / args.preset, bench.description)
@@ -407,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one experiment: ilora run [key=value ...]")
     run.add_argument("overrides", nargs="*", help="config overrides, e.g. method=ilora rounds=3 ranks=[2,4,6]")
     run.add_argument("--force", action="store_true", help="run again even if the run's record exists")
+    run.add_argument("--benchmark", default=None,
+                     help="run one table cell exactly as the sweep does (same config, run id and record): "
+                          "ilora run --benchmark NAME --preset P axis=label ...")
+    run.add_argument("--preset", default=None, help="with --benchmark: the preset of the grid (default cpu)")
     run.set_defaults(func=cmd_run)
     export = sub.add_parser("export", help="a finished run's final model as a PEFT adapter or merged weights")
     export.add_argument("run_dir", metavar="RUN_DIR", help="the run's directory, e.g. runs/cpu/<run_id>")

@@ -759,14 +759,21 @@ def write_provenance(
 # ----------------------------------------------------------------------------------------- compare
 def ranking(df: pd.DataFrame) -> pd.DataFrame:
     """Methods ranked by mean final accuracy over seeds (failed and missing runs last); equal means share a
-    rank, marked ``=`` (competition ranking: 1=, 1=, 3)."""
-    rows = []
+    rank, marked ``=`` (competition ranking: 1=, 1=, 3).
+
+    ``Δ best [95% CI]`` is each method's paired difference to the leader over their shared seeds; ``group``
+    is ``top`` for the leader and every method whose interval contains 0 (not distinguishable from it),
+    ``below`` where the interval excludes 0, ``n/a`` with fewer than two shared seeds. ``std`` is ``n/a`` at
+    one seed."""
+    rows, seeds = [], {}
     for method, sub in df.groupby("method", sort=False):
         good = sub[sub["status"] == "ok"]
+        seed_col = good["seed"] if "seed" in good else pd.Series(["-"] * len(good), index=good.index)
+        seeds[method] = {str(k): float(v) for k, v in zip(seed_col, good["accuracy"]) if not math.isnan(v)}
         rows.append({
-            "method": display(str(method)),
+            "method": method,
             "accuracy": good["accuracy"].mean() if not good.empty else math.nan,
-            "std": good["accuracy"].std(ddof=1) if len(good) > 1 else 0.0,
+            "std": f"{good['accuracy'].std(ddof=1):.2f}" if len(good) > 1 else "n/a",
             "best": good["best"].mean() if not good.empty else math.nan,
             "MB/client/round": good["comm_mb"].mean() if not good.empty else math.nan,
             "seconds": good["seconds"].mean() if not good.empty else math.nan,
@@ -774,7 +781,33 @@ def ranking(df: pd.DataFrame) -> pd.DataFrame:
         })
     out = pd.DataFrame(rows).sort_values("accuracy", ascending=False, na_position="last", kind="stable")
     out = out.reset_index(drop=True)
+    leader = out.loc[0, "method"] if len(out) and not math.isnan(out.loc[0, "accuracy"]) else None
+    deltas, groups = [], []
+    for method in out["method"]:
+        if leader is None or not seeds[method]:
+            deltas.append("")
+            groups.append("")
+            continue
+        if method == leader:
+            deltas.append("leader")
+            groups.append("top")
+            continue
+        pair = paired_difference(seeds[method], seeds[leader])
+        deltas.append(pair.text())
+        groups.append("n/a" if pair.n < 2 else ("below" if pair.significant else "top"))
+    out.insert(3, "Δ best [95% CI]", deltas)
+    out.insert(4, "group", groups)
+    out["method"] = [display(str(m)) for m in out["method"]]
     rank = out["accuracy"].rank(method="min", ascending=False, na_option="bottom").astype(int)
     tied = rank.duplicated(keep=False)
     out.insert(0, "rank", [f"{r}=" if t else str(r) for r, t in zip(rank, tied)])  # 1=, 1=, 3: a tie is a tie
     return out
+
+
+def rankings(bench: Benchmark, preset: str, df: pd.DataFrame) -> list[tuple[dict[str, str], pd.DataFrame]]:
+    """One ranking per setting: grouped by every grid axis but the seed and the method, never pooled."""
+    axes = [a.name for a in bench.axes(preset) if a.name not in ("seed", "method")]
+    if df.empty or not axes:
+        return [({}, ranking(df))]
+    return [(cell, ranking(_select(df, cell))) for cell in _product({a.name: list(a.values)
+                                                                    for a in bench.axes(preset)}, axes)]

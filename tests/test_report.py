@@ -178,3 +178,37 @@ def test_provenance_counts_the_runs_the_overrides_select(tmp_path):
     report([bench], "smoke", ["rounds=7"], out_dir=str(out), results_dir=tmp_path / "results", plots=False)
     prov = (tmp_path / "results" / "tables" / "smoke" / "PROVENANCE.md").read_text()
     assert f"results records: 0 of {len(runs)} planned runs" in prov and "overrides: rounds=7" in prov
+
+
+def test_rankings_keep_every_axis_but_the_seed(tmp_path):
+    """Two alphas are two rankings: their means are never pooled into one 'std' (an axis is not a seed)."""
+    from ilora.report import rankings
+
+    path = tmp_path / "drift.yaml"
+    path.write_text(textwrap.dedent("""
+        name: drift
+        title: Drift
+        table: {rows: [method], columns: [dirichlet_alpha]}
+        presets:
+          smoke:
+            grid:
+              dirichlet_alpha: [0.4, 0.8]
+              method: [fedit, ilora]
+              seed: [1, 2, 3]
+    """))
+    bench = load_benchmark(str(path))
+    out = tmp_path / "runs"
+    runs = expand(bench, "smoke", out_dir=str(out))
+    for run in runs:
+        acc = (0.10 if run.labels["dirichlet_alpha"] == "0.4" else 0.075) + \
+            (0.01 if run.labels["method"] == "ilora" else 0.0) + 0.001 * int(run.labels["seed"])
+        write_record(out / run.run_id, {"run_id": run.run_id, "status": "ok", "rounds": [],
+                                        "final_accuracy": acc, "best_accuracy": acc})
+    groups = rankings(bench, "smoke", collect(runs))
+    assert [cell for cell, _ in groups] == [{"dirichlet_alpha": "0.4"}, {"dirichlet_alpha": "0.8"}]
+    first = groups[0][1].set_index("method")
+    assert first.loc["ILoRA", "accuracy"] == pytest.approx(11.2) and first.loc["ILoRA", "std"] == "0.10"
+    assert first.loc["ILoRA", "group"] == "top" and first.loc["FedIT", "group"] == "below"
+    assert first.loc["FedIT", "Δ best [95% CI]"].startswith("-1.00 [-1.00, -1.00]")
+    one_seed = collect([r for r in runs if r.labels["seed"] == "1"])
+    assert ranking(one_seed.iloc[:2])["std"].tolist() == ["n/a", "n/a"]

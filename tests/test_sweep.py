@@ -347,3 +347,22 @@ def test_unknown_options_are_one_line_errors(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unrecognized arguments: --bogus" in err[0]
+
+
+def test_one_cell_by_name_is_the_sweeps_own_run(capsys):
+    from ilora.benchmark import select_cell
+    from ilora.cli import main
+
+    bench = load_benchmark("vision_heterogeneous")
+    cell = select_cell(bench, "cpu", ["method=ilora", "optimizer=adamw", "seed=44"])
+    planned = {r.run_id for r in expand(bench, "cpu")}
+    assert cell.run_id in planned and cell.config.out_dir == str(Path("results") / "records" / "cpu")
+    assert cell.labels == {"dataset": "fashion_mnist", "model": "efficientnet_lite0", "optimizer": "adamw",
+                           "method": "ilora", "seed": "44"}
+    assert select_cell(bench, "cpu", ["method=ilora", "optimizer=adamw"]).labels["seed"] == "42"  # the first seed
+    for selectors, message in ((["method=ilora"], "name the cell's optimizer (valid: sgd, adamw)"),
+                               (["method=ilora", "optimizer=adamw", "lr=3"], "'lr=3' does not name a cell"),
+                               (["method=nope", "optimizer=adamw"], "method has no label 'nope'")):
+        assert main(["run", "--benchmark", "vision_heterogeneous", "--preset", "cpu", *selectors]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
