@@ -29,8 +29,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """One run; its progress, status and summary all go to stderr (stdout stays free for data)."""
     from ilora.benchmark import read_record
     from ilora.config import resolve_config
-    from ilora.runner import run_experiment, run_id_for
-    from ilora.tracking import create_tracker
+    from ilora.runner import run_id_for
 
     if args.benchmark:
         from ilora.benchmark import load_benchmark, select_cell
@@ -50,6 +49,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     if existing is not None and not args.force:
         print(f"already done ({existing.get('status')}): {path} (--force runs it again)", file=sys.stderr)
         return 0 if existing.get("status") == "ok" else 1
+    from ilora.locks import RunLocked, acquire, release
+
+    try:
+        lock = acquire(Path(path).parent)
+    except RunLocked as exc:
+        print(f"skipped: {exc}; rerun when it is done", file=sys.stderr)
+        return 1
+    try:
+        return _run_locked(cfg, args, path, existing)
+    finally:
+        release(lock)
+
+
+def _run_locked(cfg: Any, args: argparse.Namespace, path: str, existing: dict | None) -> int:
+    from ilora.runner import run_experiment, run_id_for
+    from ilora.tracking import create_tracker
+
     if existing is not None:
         os.remove(path)
     tracker = create_tracker(cfg, run_id_for(cfg))

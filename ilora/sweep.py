@@ -61,15 +61,24 @@ def _failure_record(cfg: RunConfig, run_id: str, exc: BaseException, started: st
 
 def _execute(runner: Runner, cfg: RunConfig, run_id: str) -> tuple[str, dict[str, Any], float]:
     """Run one config; any exception becomes a ``failed`` record so that the sweep goes on."""
+    from ilora.locks import RunLocked, run_lock
     from ilora.runner import write_record
 
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    run_dir = Path(cfg.out_dir) / run_id
     try:
-        record = runner(cfg)
-    except Exception as exc:
-        record = _failure_record(cfg, run_id, exc, started)
-        write_record(Path(cfg.out_dir) / run_id, record)
+        with run_lock(run_dir):
+            done_elsewhere = read_record(run_dir / "result.json")  # finished by another process meanwhile
+            if done_elsewhere is not None:
+                return run_id, {**done_elsewhere, "elsewhere": True}, time.perf_counter() - t0
+            try:
+                record = runner(cfg)
+            except Exception as exc:
+                record = _failure_record(cfg, run_id, exc, started)
+                write_record(run_dir, record)
+    except RunLocked as exc:
+        return run_id, {"status": "locked", "error": str(exc)}, time.perf_counter() - t0
     return run_id, record, time.perf_counter() - t0
 
 
@@ -104,10 +113,12 @@ class SweepSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     diverged: list[str] = field(default_factory=list)
     lost: list[tuple[str, str]] = field(default_factory=list)  # Ray: the worker died past its retries
+    locked: list[tuple[str, str]] = field(default_factory=list)  # another live process is training it
     seconds: float = 0.0
 
     def line(self) -> str:
         lost = f", {len(self.lost)} lost" if self.lost else ""
+        lost += f", {len(self.locked)} skipped: training in another process" if self.locked else ""
         text = (f"{self.planned} runs: {self.skipped} already done, {self.ran} run now in {self.seconds:.0f}s"
                 f" ({len(self.failed)} failed, {len(self.diverged)} diverged{lost})")
         return text
@@ -217,6 +228,11 @@ def run_sweep(
             summary.diverged.append(run_id)
         elif status == "lost":
             summary.lost.append((run_id, str(record.get("error"))))
+        elif status == "locked":
+            summary.locked.append((run_id, str(record.get("error"))))
+            say(f"[  locked] {run_id}: skipped: {record.get('error')}")
+            bar.update(1)
+            return
         acc_text = f"{acc:.4f}" if isinstance(acc, (int, float)) else "-"
         say(f"[{status:>8}] {run_id}  accuracy {acc_text}  {seconds:.0f}s")
         bar.update(1)

@@ -88,7 +88,7 @@ CASES: list[tuple[list[str], str]] = [
     (["sweep", "all", "--preset", "smoke", "--backend", "slurm"],
      "argument --backend: invalid choice: 'slurm' (choose from"),
     (["sweep", "all", "--preset", "smoke", "--address", "127.0.0.1:6379"],
-     "--address and --cpus-per-run need --backend ray (valid backends: local, ray)"),
+     "need --backend ray (valid backends: local, ray)"),
     (["sweep", "all", "--preset", "smoke", "--backend", "ray", "--address", "127.0.0.1:1"],
      "--address 127.0.0.1:1: no Ray cluster answers there"),
     (["sweep", "all", "--preset", "smoke", "--backend", "ray", "--address", "head-node"],
