@@ -48,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     existing = read_record(Path(path))
     if existing is not None and not args.force:
         print(f"already done ({existing.get('status')}): {path} (--force runs it again)", file=sys.stderr)
-        return 0 if existing.get("status") == "ok" else 1
+        return after_the_fact(cfg, existing, Path(path).parent)
     from ilora.locks import RunLocked, acquire, release
 
     try:
@@ -60,6 +60,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_locked(cfg, args, path, existing)
     finally:
         release(lock)
+
+
+def after_the_fact(cfg: Any, record: dict, run_dir: Path) -> int:
+    """A finished run asked again with ``wandb=...`` or ``export=...``: mirror or export it from its record and
+    saved model, without training."""
+    if cfg.wandb != "disabled":
+        from ilora.tracking import create_tracker
+
+        tracker = create_tracker(cfg, record["run_id"])
+        for row in record.get("rounds") or []:
+            tracker.log_round(row)
+        tracker.finish(record)
+        print(f"mirrored the finished run to W&B ({cfg.wandb}) from its record", file=sys.stderr)
+    if cfg.export != "none":
+        from ilora.export import default_export_dir, export_run
+
+        export_run(run_dir, cfg.export)
+        print(f"exported the finished run's model: {default_export_dir(run_dir, cfg.export)}", file=sys.stderr)
+    return 0 if record.get("status") == "ok" else 1
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Score a run's saved model or an export on the run's test split; 0 when it equals the record."""
+    from ilora.evaluate import evaluate_path
+
+    score = evaluate_path(Path(args.path))
+    print(score.line())
+    return 0 if score.matches else 1
 
 
 def _run_locked(cfg: Any, args: argparse.Namespace, path: str, existing: dict | None) -> int:
@@ -454,6 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="peft: adapter_config.json + adapter_model.safetensors (default); merged: full weights")
     export.add_argument("--out", default=None, help="where to write (default RUN_DIR/export/<format>)")
     export.set_defaults(func=cmd_export)
+    evaluation = sub.add_parser("eval", help="score a finished run's model or an export on its test split")
+    evaluation.add_argument("path", metavar="RUN_DIR|EXPORT_DIR",
+                            help="a run's directory (result.json + global_model.safetensors) or an export's "
+                                 "(export.json); exit 0 when the accuracy equals the record's")
+    evaluation.set_defaults(func=cmd_eval)
     lst = sub.add_parser("list", help="registered methods, datasets, models and presets")
     lst.set_defaults(func=cmd_list)
     from ilora.datacli import add_data_parser

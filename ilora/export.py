@@ -312,5 +312,13 @@ def export_run(run_dir: Path, fmt: str = "peft", out: Path | None = None) -> lis
 
 def about_run(record: dict[str, Any]) -> dict[str, Any]:
     """What ``export.json`` says about the run the model comes from."""
-    return {key: record.get(key) for key in ("run_id", "method", "dataset", "model", "seed", "config_hash",
-                                              "final_accuracy", "num_classes", "evaluation")}
+    about = {key: record.get(key) for key in ("run_id", "method", "dataset", "model", "seed", "config_hash",
+                                               "final_accuracy", "num_classes", "evaluation", "config")}
+    return {**about, "client0_accuracy": _client0(record)}  # config: ilora eval scores the export on its test split
+
+
+def _client0(record: dict[str, Any]) -> float | None:
+    """A personalised run's saved model is client 0's: its accuracy in the last round (else None)."""
+    rounds = record.get("rounds") or []
+    accuracies = rounds[-1].get("client_accuracy") if rounds else None
+    return float(accuracies[0]) if accuracies else None
