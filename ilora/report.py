@@ -481,14 +481,33 @@ def _panels(bench: Benchmark, axes: dict[str, list[str]], skip: str | None = Non
 
 
 MARKERS = "osD^v<>pPX*h"
+LINESTYLES = ("-", "--", ":", "-.")
+# Paul Tol's "muted" scheme (colour-blind safe), then black and grey: 11 colours
+PALETTE = ("#332288", "#88CCEE", "#44AA99", "#117733", "#999933", "#DDCC77", "#CC6677", "#882255", "#AA4499",
+           "#000000", "#888888")
 
 
 def _style(i: int) -> dict[str, Any]:
-    """The i-th row label's colour and marker: 20 colours (tab20) and 12 markers, so up to 20 methods stay
-    apart in every plot and each keeps its look across the panels of one figure."""
-    import matplotlib
+    """The i-th row label's colour, marker and line style: a colour-blind-safe palette whose neighbours differ
+    in all three, so that up to 16 methods stay apart (in grey too) and each keeps its look across panels."""
+    return {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[i % len(MARKERS)],
+            "linestyle": LINESTYLES[(i // 2) % len(LINESTYLES)]}
 
-    return {"color": matplotlib.colormaps["tab20"](i % 20), "marker": MARKERS[i % len(MARKERS)]}
+
+def _panel_title(cell: dict[str, str], axes: dict[str, list[str]], fallback: str) -> str:
+    """A facet's title names each axis that varies with its label (``optimizer: sgd``), never the bare label;
+    axes with one label in the grid are the same in every panel and go to the figure's title."""
+    varying = {a: v for a, v in cell.items() if len(axes.get(a, [])) > 1}
+    return ", ".join(f"{axis.replace('_', ' ')}: {display(label)}" for axis, label in varying.items()) or fallback
+
+
+def _no_records(ax: Any) -> None:
+    ax.text(0.5, 0.5, "no finished runs yet", transform=ax.transAxes, ha="center", va="center", color="#888888")
+
+
+def _constant(axes: dict[str, list[str]], names: list[str]) -> str:
+    """The labels of the panel axes that do not vary (e.g. the one dataset and model), for a figure's title."""
+    return ", ".join(axes[a][0] for a in names if len(axes.get(a, [])) == 1)
 
 
 def _legend(fig: Any, panels: list[Any]) -> None:
@@ -515,11 +534,14 @@ def _select(df: pd.DataFrame, cell: dict) -> pd.DataFrame:
 
 def plot_rounds(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> list[Path]:
     """Accuracy against round, one line per method (last row axis), one panel per other cell."""
+    import matplotlib.ticker
     axes = {a.name: list(a.values) for a in bench.axes(preset)}
     names, cols = _panels(bench, axes)
     fig, panels = _figure(len(cols))
     ok = df[df["status"] == "ok"] if not df.empty else df
+    seeds_seen: set[int] = set()
     for ax, cl in zip(panels, cols):
+        rounds_seen = 0
         for i, (rl, sub) in enumerate(_method_cells(bench, axes, ok, cl)):
             curves = [c for c in sub["curve"] if c] if not sub.empty else []
             if not curves:
@@ -527,17 +549,26 @@ def plot_rounds(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> 
             length = min(len(c) for c in curves)
             stacked = np.array([c[:length] for c in curves])
             mean, xs = stacked.mean(axis=0), np.arange(1, length + 1)
-            label = display(_key(rl, bench.rows[-1:])) + (f" (n={len(curves)})" if len(curves) > 1 else "")
-            ax.plot(xs, mean, ms=3, label=label, **_style(i))
+            label = display(_key(rl, bench.rows[-1:])) + f" (n={len(curves)})"
+            ax.plot(xs, mean, ms=4, lw=1.3, label=label, **_style(i))
             if len(curves) > 1:
+                seeds_seen.add(len(curves))
                 std = stacked.std(axis=0, ddof=1)
-                ax.fill_between(xs, mean - std, mean + std, color=_style(i)["color"], alpha=0.12, linewidth=0)
-        ax.set_title(_key(cl, names) if cl else bench.name, fontsize=9)
+                ax.fill_between(xs, mean - std, mean + std, color=_style(i)["color"], alpha=0.08, linewidth=0)
+            rounds_seen = max(rounds_seen, length)
+        if not rounds_seen:
+            _no_records(ax)
+        ax.set_title(_panel_title(cl, axes, bench.name), fontsize=9)
         ax.set_xlabel("round")
         ax.set_ylabel("accuracy (%)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        if rounds_seen:
+            ax.set_xlim(0.8, rounds_seen + 0.2)
         ax.grid(alpha=0.3)
     _legend(fig, panels)
-    fig.suptitle(f"{bench.title} ({preset}; seed mean, band ± 1 std)", fontsize=10)
+    what = "mean over seeds, band ± 1 std over seeds" if seeds_seen else "one seed per line, no band"
+    fixed = _constant(axes, names)
+    fig.suptitle(f"{bench.title}{': ' + fixed if fixed else ''} ({preset}; {what})", fontsize=10)
     return _save(fig, path)
 
 
@@ -558,13 +589,15 @@ def plot_x_axis(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> 
                     ys.append(sub["accuracy"].mean())
                     es.append(sub["accuracy"].std(ddof=1) if len(sub) > 1 else 0.0)
             if xs:
-                ax.errorbar(xs, ys, yerr=es, ms=3, capsize=2, label=display(_key(rl, bench.rows[-1:])), **_style(i))
-        ax.set_title(_key(pl, others) if pl else bench.name, fontsize=9)
+                ax.errorbar(xs, ys, yerr=es, ms=4, capsize=2, label=display(_key(rl, bench.rows[-1:])), **_style(i))
+        ax.set_title(_panel_title(pl, axes, bench.name), fontsize=9)
         ax.set_xlabel(axis.replace("_", " "))
         ax.set_ylabel("final accuracy (%)")
         ax.grid(alpha=0.3)
     _legend(fig, panels)
-    fig.suptitle(f"{bench.title} ({preset})", fontsize=10)
+    fixed = _constant(axes, others)
+    fig.suptitle(f"{bench.title}{': ' + fixed if fixed else ''} ({preset}; mean over seeds, bars ± 1 std over seeds "
+                 "where n > 1)", fontsize=10)
     return _save(fig, path)
 
 
@@ -580,15 +613,18 @@ def plot_communication(bench: Benchmark, preset: str, df: pd.DataFrame, path: Pa
                 continue
             x, y = sub["comm_mb"].mean(), sub["accuracy"].mean()
             err = sub["accuracy"].std(ddof=1) if len(sub) > 1 else 0.0
-            ax.errorbar([x], [y], yerr=[err], ms=5, capsize=2, linestyle="none",
-                        label=display(_key(rl, bench.rows[-1:])), **_style(i))
+            label = display(_key(rl, bench.rows[-1:])) + f" (n={len(sub)})"
+            ax.errorbar([x], [y], yerr=[err] if len(sub) > 1 else None, ms=6, capsize=2, label=label,
+                        **{**_style(i), "linestyle": "none"})
         ax.set_xscale("log")  # methods differ by orders of magnitude in what they send
-        ax.set_title(_key(cl, names) if cl else bench.name, fontsize=9)
+        ax.set_title(_panel_title(cl, axes, bench.name), fontsize=9)
         ax.set_xlabel("MB per client per round (up + down, log scale)")
         ax.set_ylabel("final accuracy (%)")
         ax.grid(alpha=0.3, which="both")
     _legend(fig, panels)
-    fig.suptitle(f"{bench.title} ({preset}; seed mean ± 1 std)", fontsize=10)
+    fixed = _constant(axes, names)
+    fig.suptitle(f"{bench.title}{': ' + fixed if fixed else ''} ({preset}; mean over seeds, bars ± 1 std over seeds "
+                 "where n > 1)", fontsize=10)
     return _save(fig, path)
 
 
@@ -655,12 +691,13 @@ def report(
         if runs and len(absent) == len(runs):
             written.skipped.append(bench.name)
             continue
+        varying = {a.name for a in bench.axes(preset) if len(a.values) > 1}
         if absent:
-            written.missing[bench.name] = [_run_text(r) for r in absent]
+            written.missing[bench.name] = [_run_text(r, varying) for r in absent]
         table = build_table(bench, preset, df)
         if absent:
             table.notes.append(f"Partial: {len(absent)} of {len(runs)} planned runs have no record yet "
-                               f"({_abbreviated([_run_text(r) for r in absent])}).")
+                               f"({_abbreviated([_run_text(r, varying) for r in absent])}).")
         if built is not None:
             built.append((bench, table))
         written += write_table(table, bench.name, preset, results_dir / "tables" / preset, bench.description)
@@ -674,8 +711,8 @@ def report(
     return written
 
 
-def _run_text(run: PlannedRun) -> str:
-    return " ".join(f"{k}={v}" for k, v in run.labels.items())
+def _run_text(run: PlannedRun, varying: set[str] | None = None) -> str:
+    return " ".join(f"{k}={v}" for k, v in run.labels.items() if varying is None or k in varying)
 
 
 def _abbreviated(items: list[str], limit: int = 6) -> str:

@@ -212,3 +212,13 @@ def test_rankings_keep_every_axis_but_the_seed(tmp_path):
     assert first.loc["FedIT", "Δ best [95% CI]"].startswith("-1.00 [-1.00, -1.00]")
     one_seed = collect([r for r in runs if r.labels["seed"] == "1"])
     assert ranking(one_seed.iloc[:2])["std"].tolist() == ["n/a", "n/a"]
+
+
+def test_sixteen_methods_get_sixteen_distinct_looks_and_facets_name_their_axis():
+    from ilora.report import _panel_title, _style
+
+    looks = [(_style(i)["color"], _style(i)["marker"], _style(i)["linestyle"]) for i in range(16)]
+    assert len(set(looks)) == 16
+    assert all(a[0] != b[0] and a[1] != b[1] for a, b in zip(looks, looks[1:]))  # neighbours: colour and marker
+    axes = {"dataset": ["fashion_mnist"], "optimizer": ["sgd", "adamw"]}
+    assert _panel_title({"dataset": "fashion_mnist", "optimizer": "sgd"}, axes, "x") == "optimizer: sgd"

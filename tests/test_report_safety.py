@@ -109,10 +109,10 @@ def test_a_partial_table_names_its_missing_runs(tmp_path, committed, capsys):
     _records(bench, out, skip={("ilora", "3")})
     assert main(["report", str(path), "--preset", "cpu", "--out-dir", str(out),
                  "--results-dir", str(tmp_path / "results")]) == 0
-    assert "partial: safe: 1 planned runs have no record: dataset=bbc_news method=ilora seed=3" in \
+    assert "partial: safe: 1 planned runs have no record: method=ilora seed=3" in \
         capsys.readouterr().err
     text = (tmp_path / "results" / "tables" / "cpu" / "safe.md").read_text()
-    assert "Partial: 1 of 9 planned runs have no record yet (dataset=bbc_news method=ilora seed=3)" in text
+    assert "Partial: 1 of 9 planned runs have no record yet (method=ilora seed=3)" in text
 
 
 def test_the_same_records_give_the_same_files(tmp_path, committed):
