@@ -124,6 +124,9 @@ def _run_locked(cfg: Any, args: argparse.Namespace, path: str, existing: dict | 
             file=sys.stderr,
         )
     print(f"results record: {path}", file=sys.stderr)
+    if cfg.preset in ("smoke", "quick"):
+        print(f"({cfg.preset} preset: a first look that it runs, not a result; the cpu preset is the regime the "
+              "tables use)", file=sys.stderr)
     if cfg.export != "none" and record["status"] == "ok":
         print(f"exported ({cfg.export}): {os.path.join(cfg.out_dir, run_id_for(cfg), 'export', cfg.export)}",
               file=sys.stderr)
@@ -137,6 +140,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     for path in export_run(Path(args.run_dir), args.format, Path(args.out) if args.out else None):
         print(path)
     return 0
+
+
+def method_option_rows() -> list[list[str]]:
+    """Every registered method's own options (its config dataclass): name, type and default."""
+    import dataclasses
+
+    from ilora.algorithm import available_algorithms, get_algorithm
+
+    rows = []
+    for name in available_algorithms():
+        fields = dataclasses.fields(get_algorithm(name).Config)
+        for f in fields:
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            rows.append([name, f.name, kind, repr(default)])
+        if not fields:
+            rows.append([name, "(none)", "", ""])
+    return rows
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -153,6 +175,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         methods.append([n, cls.info.display_name, ", ".join(cls.info.groups), cls.info.comm_text,
                         (cls.__doc__ or "").strip().splitlines()[0]])
     print(tabulate(methods, headers=["method", "name", "groups", "per layer and client", "what it does"]),
+          end="\n\n")
+    print(tabulate(method_option_rows(), headers=["method", "option (method_args.<option>=...)", "type", "default"]),
           end="\n\n")
     datasets = [[n, k, "yes" if off else "needs the HF cache"] for n, (k, off) in available_datasets().items()]
     print(tabulate(datasets, headers=["dataset", "kind", "offline"]), end="\n\n")
@@ -243,7 +267,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"{len(benches)} benchmark(s), {len(runs)} distinct runs, preset {args.preset}, "
           f"{_parallelism(args)}, records under {out}", file=sys.stderr)
     members = {b.name: [r.run_id for r in expand(b, args.preset, overrides, args.out_dir)] for b in benches}
-    for line in make_plan(runs, members, args.jobs or 1, args.retry_failed).lines(args.jobs or 1):
+    reasons = {b.name: b.presets.get(args.preset, {}).get("dropped") or "no grid" for b in benches}
+    for line in make_plan(runs, members, args.jobs or 1, args.retry_failed).lines(args.jobs or 1, reasons):
         print(line, file=sys.stderr)
     if args.plan:
         return 0
@@ -502,6 +527,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
+    if getattr(args, "data_command", None) != "prepare":  # prepare downloads: it must see the network as it is
+        from ilora.models.hub import offline_without_network
+
+        offline_without_network()
     _quiet_libraries()
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -513,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: rerun the same command to resume (finished runs are kept; an unfinished run goes on "
+              "from its last round's checkpoint)", file=sys.stderr)
         return 130
 
 

@@ -122,6 +122,8 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
 
 
 def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    if isinstance(layer.get("ranks"), int) and not isinstance(layer.get("ranks"), bool):  # ranks=4: every client
+        layer = OmegaConf.merge(layer, {"ranks": [layer["ranks"]]})
     try:
         return OmegaConf.merge(base, layer)
     except ConfigKeyError as exc:
@@ -161,10 +163,19 @@ def resolve_config(overrides: list[str] | None = None, config_root: Path | None 
     cfg = _merge(cfg, file_layer, str(config_file))
     cfg = _merge(cfg, cli, "the command line")
     run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    run.ranks = expand_ranks(list(run.ranks), run.num_clients)
     if run.out_dir is None:
         run.out_dir = str(Path("runs") / run.preset)
     validate(run)
     return run
+
+
+def expand_ranks(ranks: list[int], num_clients: int) -> list[int]:
+    """The shorthand for ranks: one rank (``ranks=4``) for every client, or a list whose length divides
+    ``num_clients`` with each rank for a block of clients (``ranks=[2,8,16] num_clients=15``: five of each)."""
+    if ranks and len(ranks) < num_clients and num_clients % len(ranks) == 0:
+        return [r for r in ranks for _ in range(num_clients // len(ranks))]
+    return ranks
 
 
 def validate(cfg: RunConfig) -> None:
@@ -189,7 +200,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"num_clients must be at least 1, got {cfg.num_clients}")
     if len(cfg.ranks) != cfg.num_clients:
         raise ConfigError(
-            f"ranks has {len(cfg.ranks)} entries but num_clients is {cfg.num_clients}: give one rank per client"
+            f"ranks has {len(cfg.ranks)} entries but num_clients is {cfg.num_clients}: give one rank per client, one "
+            "rank for all (ranks=4), or a list whose length divides num_clients (each rank for a block of clients)"
         )
     if any(r <= 0 for r in cfg.ranks):
         raise ConfigError(f"ranks must all be positive integers, got {list(cfg.ranks)}")

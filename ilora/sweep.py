@@ -135,10 +135,17 @@ class Plan:
     estimated: int  # pending runs whose time came from a finished record of the same kind
     processors: list[str]  # the processors those records were measured on
 
-    def lines(self, jobs: int) -> list[str]:
+    def lines(self, jobs: int, reasons: dict[str, str] | None = None) -> list[str]:
+        """The plan as printed; ``reasons``: why a benchmark runs nothing at this preset (its ``dropped``)."""
+        reasons = reasons or {}
         out = [f"plan: {self.planned} distinct runs, {self.pending} to run"]
         for name, (planned, todo) in self.per_benchmark.items():
-            out.append(f"  {name}: {planned} runs, {todo} to run")
+            why = f" (not run at this preset: {reasons[name]})" if not planned and name in reasons else ""
+            out.append(f"  {name}: {planned} runs, {todo} to run{why}")
+        if not self.planned:
+            out.append("  nothing to run: no benchmark has a grid at this preset (each line above says why)")
+        elif not self.pending:
+            out.append("  nothing to run: every planned run has its record (the report rebuilds from them)")
         if not self.pending:
             return out
         if self.expected_s is None:
@@ -270,5 +277,7 @@ def _run_local(todo: list[PlannedRun], jobs: int, runner: Runner,
         pool.shutdown(wait=False, cancel_futures=True)  # resumes from its round checkpoint)
         for process in workers:
             process.terminate()
+        for process in workers:
+            process.join(timeout=10)
         raise
     pool.shutdown()

@@ -138,3 +138,32 @@ def test_progress_bars_count_rounds_from_one_and_name_their_units(capsys):
     err = capsys.readouterr().err
     assert "round 1" in err and "round 2" in err and "round 0" not in err
     assert "2/2" in err and ("round/s" in err or "s/round" in err) and ("client/s" in err or "s/client" in err)
+
+
+def test_ranks_shorthand_one_rank_for_all_or_blocks_of_clients():
+    assert resolve_config(["ranks=4"]).ranks == [4, 4, 4]
+    assert resolve_config(["ranks=[2,8,16]", "num_clients=15"]).ranks == [2] * 5 + [8] * 5 + [16] * 5
+    assert resolve_config(["ranks=4", "num_clients=50"]).ranks == [4] * 50
+    with pytest.raises(ConfigError, match="one rank for all"):
+        resolve_config(["ranks=[2,8]"])
+
+
+def test_no_network_sets_the_hub_offline_switches_in_seconds(monkeypatch):
+    import socket
+    import time
+
+    from ilora.models.hub import offline_without_network
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+
+    def unreachable(*args, **kwargs):
+        raise OSError("no route")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    t0 = time.perf_counter()
+    assert offline_without_network() is True
+    assert time.perf_counter() - t0 < 5
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the user's choice is kept
+    assert offline_without_network() is False and os.environ["HF_HUB_OFFLINE"] == "0"
