@@ -750,20 +750,27 @@ def write_not_run(bench: Benchmark, preset: str, directory: Path) -> Path:
 def write_provenance(
     benches: list[Benchmark], preset: str, out_dir: str | None, directory: Path, overrides: list[str] | None = None
 ) -> Path:
-    """Where the tables came from, read from the records alone (the same runs as the tables: the benchmarks
-    expanded with the same overrides), so that the same records always give the same file."""
-    from ilora.benchmark import default_out_dir
+    """Where the tables came from, read from the records alone, so that the same records always give the same
+    file: the runs of every shipped benchmark (whichever of them this report was asked for: the tables of one
+    directory share the file), or of the benchmarks given when one of them is a file of the user's."""
+    from ilora.benchmark import BENCHMARK_ROOT, available_benchmarks, default_out_dir, resolve_benchmarks
     from ilora.runner import write_atomic
 
+    if all(b.path.resolve().parent == BENCHMARK_ROOT.resolve() for b in benches):
+        benches = resolve_benchmarks(available_benchmarks())
     root = Path(out_dir or default_out_dir(preset))
     versions: dict[str, set[str]] = {}
     devices: set[str] = set()
     processors: set[str] = set()
     count, seconds, finished = 0, 0.0, []
     names = set()
+    per_benchmark = []
     for bench in benches:
-        for run in expand(bench, preset, overrides, out_dir):
-            names.add(run.run_id)
+        ids = [run.run_id for run in expand(bench, preset, overrides, out_dir)]
+        names.update(ids)
+        if ids:
+            have = sum((root / i / "result.json").is_file() for i in ids)
+            per_benchmark.append(f"  - {bench.name}: {have} of {len(ids)}")
     for run_id in sorted(names):
         rec = read_record(root / run_id / "result.json")
         if rec is None:
@@ -780,7 +787,9 @@ def write_provenance(
         f"# Provenance of the `{preset}` tables", "",
         f"- benchmarks: {', '.join(b.name for b in benches)}",
         f"- overrides: {' '.join(overrides) if overrides else 'none'}",
-        f"- results records: {count} of {len(names)} planned runs, under `{root.as_posix()}`",
+        f"- results records: {count} of {len(names)} planned runs, under `{root.as_posix()}`; by benchmark "
+        "(runs shared between benchmarks count in each):",
+        *per_benchmark,
         f"- training + evaluation time in those records: {seconds / 60:.1f} min (summed over runs)",
         f"- records finished: {min(finished)} to {max(finished)}" if finished else "- records finished: -",
         f"- run devices: {', '.join(sorted(devices)) or '-'}",

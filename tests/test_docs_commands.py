@@ -54,7 +54,7 @@ def at_smoke(command: str) -> list[list[str]]:
     for i, a in enumerate(args):
         if a == "--preset" and i + 1 < len(args):
             args[i + 1] = "smoke"
-    if args[0] == "run" and not any(a.startswith("preset=") for a in args):
+    if args[0] == "run" and "--benchmark" not in args and not any(a.startswith("preset=") for a in args):
         args.append("preset=smoke")
     if args[0] in ("sweep", "report", "compare") and "--preset" not in args:
         args += ["--preset", "smoke"]
