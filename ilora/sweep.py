@@ -70,7 +70,7 @@ def _execute(runner: Runner, cfg: RunConfig, run_id: str) -> tuple[str, dict[str
     try:
         with run_lock(run_dir):
             done_elsewhere = read_record(run_dir / "result.json")  # finished by another process meanwhile
-            if done_elsewhere is not None:
+            if done_elsewhere is not None and done_elsewhere.get("status") != "failed":  # failed: a retry
                 return run_id, {**done_elsewhere, "elsewhere": True}, time.perf_counter() - t0
             try:
                 record = runner(cfg)
