@@ -61,8 +61,26 @@ def step_ratio(rounds: list[dict[str, Any]]) -> float:
     return float(steps[1] / steps[0])
 
 
+TARGET_FRACTION = 0.95  # rounds_to_target: the first round reaching this share of the reference's final accuracy
+
 # Per-run numbers a benchmark may show next to accuracy (``table: {extra: [...]}``): column header.
-EXTRA_METRICS = {"step_ratio": "first-step update, round 2 / round 1"}
+EXTRA_METRICS = {
+    "step_ratio": "first-step update, round 2 / round 1",
+    "round1_accuracy": "round-1 accuracy",
+    "curve_mean": "mean accuracy over rounds",
+    "rounds_to_target": "rounds to target",
+}
+# Extras that are accuracies or rounds of a converging run: shown with a paired difference to the reference row.
+CONVERGENCE_METRICS = ("round1_accuracy", "curve_mean", "rounds_to_target")
+
+
+def rounds_to(curve: list[float], target: float) -> float:
+    """The first round (1-based) whose accuracy reaches ``target``; ``len(curve) + 1`` if none does
+    (not reached within the run: counted as one round past its end, a lower bound)."""
+    for i, acc in enumerate(curve, start=1):
+        if acc >= target:
+            return float(i)
+    return float(len(curve) + 1)
 
 
 def collect(runs: Iterable[PlannedRun]) -> pd.DataFrame:
@@ -73,7 +91,7 @@ def collect(runs: Iterable[PlannedRun]) -> pd.DataFrame:
         row: dict[str, Any] = dict(run.labels)
         row.update(run_id=run.run_id, model=run.config.model, status="missing", accuracy=math.nan,
                    best=math.nan, up_mb=math.nan, down_mb=math.nan, curve=None, seconds=math.nan,
-                   step_ratio=math.nan)
+                   step_ratio=math.nan, round1_accuracy=math.nan, curve_mean=math.nan)
         if record is None and run.result_path.exists():
             print(f"warning: cannot read {run.result_path} (not a valid results record); its cell is left blank",
                   file=sys.stderr)
@@ -85,6 +103,8 @@ def collect(runs: Iterable[PlannedRun]) -> pd.DataFrame:
                 row["accuracy"] = 100.0 * record["final_accuracy"]
                 row["best"] = 100.0 * record["best_accuracy"]
                 row["curve"] = [100.0 * r["accuracy"] for r in rounds]
+                row["round1_accuracy"] = row["curve"][0] if row["curve"] else math.nan
+                row["curve_mean"] = float(np.mean(row["curve"])) if row["curve"] else math.nan
             row["up_mb"], row["down_mb"] = comm_mb(record)
             row["seconds"] = sum(r.get("wall_s", 0.0) for r in rounds)
         rows.append(row)
@@ -318,16 +338,26 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
             out[f"{col} paper"] = [_num(p, "{:.2f}") for p in papers]
             out[f"{col} Δ paper"] = [_num(d, "{:+.2f}") for d in deltas]
     tidy = pd.DataFrame(tidy_rows)
+    notes: list[str] = []
 
     finished = df[df["status"].isin(["ok", "diverged"])] if not df.empty else df  # a diverged run has its early rounds
     for metric in bench.extra:
-        texts = []
-        for rl in row_keys:
-            sub = _select(finished, rl)
-            vals = sub[metric].dropna().to_numpy(dtype=float) if not sub.empty else np.array([])
-            texts.append(_fmt(float(vals.mean()), float(vals.std(ddof=1)) if vals.size > 1 else 0.0, vals.size)
-                         if vals.size else "")
-        out[EXTRA_METRICS.get(metric, metric)] = texts
+        header = EXTRA_METRICS.get(metric, metric)
+        for cl in col_keys:
+            prefix = f"{_key(cl, col_axes)} " if len(col_keys) > 1 else ""
+            per_row = [_extra_values(metric, ok if metric in CONVERGENCE_METRICS else finished, rl, cl, row_axes, ref)
+                       for rl in row_keys]
+            out[prefix + header] = [_fmt(*summarize(v)) for v in per_row]
+            if metric in CONVERGENCE_METRICS and ref is not None and method_axis is not None:
+                diffs = []
+                for rl, vals in zip(row_keys, per_row):
+                    ref_vals = per_row[row_keys.index({**rl, method_axis: ref})]
+                    diffs.append("ref." if rl[method_axis] == ref else paired_difference(vals, ref_vals).text())
+                out[f"{prefix}{header} Δ {display(ref)} [95% CI]"] = diffs
+    if any(m == "rounds_to_target" for m in bench.extra) and ref is not None:
+        notes.append(f"Rounds to target: per seed, the first round whose test accuracy reaches {TARGET_FRACTION:.0%} "
+                     f"of {display(ref)}'s final accuracy on that seed; a run that never reaches it counts as "
+                     "rounds + 1 (a lower bound).")
 
     # communication: one column per model in the table
     ok_models = sorted(set(ok["model"])) if not ok.empty else []
@@ -340,7 +370,7 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
                 sub = sub[sub["model"] == model]
             vals.append(f"{sub['comm_mb'].mean():.3f}" if not sub.empty else "")
         out[name] = vals
-    notes = [f"{k.get('note')}" for k in known if k.get("note")]
+    notes[:0] = [f"{k.get('note')}" for k in known if k.get("note")]
     if preset in NOT_THE_REGIME:
         notes.append(NOT_THE_REGIME[preset])
     resolvable = resolvable_difference(pairs_seen)
@@ -357,6 +387,25 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
         notes.append(f"The paper's known numbers for this table (its own setting, not comparable to these "
                      f"stand-in cells): {ref_text}.")
     return Table(bench.title, pd.DataFrame(out), tidy, sorted(set(notes), key=notes.index), ref, refs)
+
+
+def _extra_values(metric: str, df: pd.DataFrame, row: dict[str, str], column: dict[str, str],
+                  row_axes: list[str], reference: str | None) -> Seeds:
+    """Per seed, one extra metric of a cell's runs; ``rounds_to_target`` against the reference row's final
+    accuracy on the same seed (no reference run for a seed: no value)."""
+    sub = _select(df, {**row, **column}) if not df.empty else df
+    if sub.empty:
+        return {}
+    seeds = sub["seed"] if "seed" in sub else pd.Series(["-"] * len(sub), index=sub.index)
+    if metric != "rounds_to_target":
+        return {str(k): float(v) for k, v in zip(seeds, sub[metric]) if not math.isnan(v)}
+    if reference is None or not row_axes:
+        return {}
+    ref_sub = _select(df, {**row, row_axes[-1]: reference, **column})
+    ref_final = {str(k): float(v) for k, v in zip(ref_sub.get("seed", []), ref_sub.get("accuracy", []))
+                 if not math.isnan(v)}
+    return {str(k): rounds_to(curve, TARGET_FRACTION * ref_final[str(k)])
+            for k, curve in zip(seeds, sub["curve"]) if curve and str(k) in ref_final}
 
 
 def _significant_best(row_keys: list[dict[str, str]], groups: list[tuple[str, ...]], values: list[Seeds]) -> set[int]:

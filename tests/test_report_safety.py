@@ -141,3 +141,48 @@ def test_every_method_table_pairs_against_fedit_and_lora_fair_and_states_its_res
     # ILoRA - FedIT is +5 points on every seed: a zero-width interval
     assert "+5.00 [+5.00, +5.00]" in text and "+3.00 [+3.00, +3.00]" in text
     assert "Resolvable difference: the paired 95% intervals" in text
+
+
+CONVERGENCE_BENCH = """
+name: speed
+title: Convergence table
+table: {rows: [method], columns: [dataset], extra: [round1_accuracy, curve_mean, rounds_to_target]}
+plots: []
+presets:
+  cpu:
+    base: {rounds: 3}
+    grid:
+      dataset: [bbc_news]
+      method: [fedit, ilora]
+      seed: [1, 2, 3]
+"""
+# per method: accuracy after rounds 1..3 (the seed adds 0.01 to every round)
+CURVES = {"fedit": [0.50, 0.58, 0.60], "ilora": [0.58, 0.60, 0.61]}
+
+
+def test_convergence_columns_pair_round_one_the_curve_and_rounds_to_target(tmp_path, committed):
+    path = tmp_path / "speed.yaml"
+    path.write_text(textwrap.dedent(CONVERGENCE_BENCH))
+    bench, out = load_benchmark(str(path)), tmp_path / "runs"
+    for run in expand(bench, "cpu", out_dir=str(out)):
+        curve = [a + 0.01 * int(run.labels["seed"]) for a in CURVES[run.labels["method"]]]
+        rounds = [{"round": t, "clients": [0, 1, 2], "accuracy": a, "loss": 1.0, "uplink_bytes": 10,
+                   "downlink_bytes": 10, "wall_s": 1.0} for t, a in enumerate(curve, start=1)]
+        write_record(out / run.run_id, {"run_id": run.run_id, "status": "ok", "error": None, "rounds": rounds,
+                                        "final_accuracy": curve[-1], "best_accuracy": max(curve),
+                                        "device": "cpu", "processor": "test cpu", "versions": {"torch": "x"}})
+    assert main(["report", str(path), "--preset", "cpu", "--out-dir", str(out),
+                 "--results-dir", str(tmp_path / "results")]) == 0
+    text = (tmp_path / "results" / "tables" / "cpu" / "speed.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| ILoRA"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # round 1: +8 points on every seed; mean over rounds: (8 + 2 + 1) / 3 = +3.67
+    assert "+8.00 [+8.00, +8.00]" in cells and "+3.67 [+3.67, +3.67]" in cells
+    # 95% of FedIT's final (61-63%) is 58-60%: ILoRA reaches it in round 1 (58-60 >= 0.95 x 61-63), FedIT in round 2
+    assert "1.00 ± 0.00 (n=3)" in cells and "-1.00 [-1.00, -1.00]" in cells
+    assert "Rounds to target: per seed, the first round" in text
+
+
+def test_rounds_to_target_counts_a_target_never_reached_as_one_past_the_end():
+    assert report_module.rounds_to([50.0, 60.0, 70.0], 60.0) == 2.0
+    assert report_module.rounds_to([50.0, 60.0, 70.0], 71.0) == 4.0
