@@ -36,6 +36,7 @@ drill: $(STAMP)
 	$(PY) -m pytest -m docs tests/test_docs_commands.py
 	$(PY) -m pytest -m drill tests/test_flower_deployment.py
 	$(PY) -m pytest -m drill tests/test_ray_sweep.py
+	$(PY) -m pytest -m drill tests/test_interrupt.py tests/test_flower.py
 	./scripts/kill-drill.sh
 
 lint: $(STAMP)

@@ -13,18 +13,6 @@ from typing import Any
 from ilora.errors import RunInterrupted, UserError
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     """One run; its progress, status and summary all go to stderr (stdout stays free for data)."""
     from ilora.benchmark import read_record
@@ -527,11 +515,12 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
-    if getattr(args, "data_command", None) != "prepare":  # prepare downloads: it must see the network as it is
-        from ilora.models.hub import offline_without_network
+    from ilora.models.hub import offline_without_network
+    from ilora.quiet import quiet_libraries
 
+    if getattr(args, "data_command", None) != "prepare":  # prepare downloads: it must see the network as it is
         offline_without_network()
-    _quiet_libraries()
+    quiet_libraries()
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)

@@ -8,6 +8,7 @@ each pending run as a Ray task instead (ilora/ray_sweep.py, docs/ray.md), with t
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 import traceback
@@ -83,14 +84,22 @@ def _execute(runner: Runner, cfg: RunConfig, run_id: str) -> tuple[str, dict[str
 
 
 def _worker_init(jobs: int) -> None:
-    os.environ["ILORA_JOBS"] = str(jobs)  # threads=auto in each run: the cores divided by the jobs
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import transformers
+    from ilora.quiet import quiet_libraries
 
-        transformers.logging.set_verbosity_error()
-    except ImportError:
-        pass
+    os.environ["ILORA_JOBS"] = str(jobs)  # threads=auto in each run: the cores divided by the jobs
+    quiet_libraries()
+
+
+def _pool_worker_init(jobs: int) -> None:
+    """A local pool worker: Ctrl-C reaches the whole process group, and only the parent acts on it (it stops
+    the workers, so that each keeps its last round's checkpoint and the parent reports once)."""
+    import threading
+
+    from tqdm import tqdm
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tqdm.set_lock(threading.RLock())  # not tqdm's default process lock: a stopped worker leaves no semaphore behind
+    _worker_init(jobs)
 
 
 def _execute_in_worker(runner: Runner, cfg: RunConfig, run_id: str, jobs: int) -> tuple[str, dict[str, Any], float]:
@@ -265,7 +274,7 @@ def _run_local(todo: list[PlannedRun], jobs: int, runner: Runner,
             done(*_execute(runner, run.config, run.run_id))
         return
     ctx = get_context("spawn")
-    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(jobs,))
+    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_pool_worker_init, initargs=(jobs,))
     try:
         futures: set[Future] = {pool.submit(_execute, runner, r.config, r.run_id) for r in todo}
         while futures:
@@ -279,5 +288,6 @@ def _run_local(todo: list[PlannedRun], jobs: int, runner: Runner,
             process.terminate()
         for process in workers:
             process.join(timeout=10)
+        pool.shutdown(wait=True)  # the pool's queues go with it (no leaked semaphores at exit)
         raise
     pool.shutdown()

@@ -88,3 +88,21 @@ def test_flower_min_clients_lets_the_round_go_on_without_the_others(capsys):
 
     with pytest.raises(RunInterrupted):
         _server(2).exchange(_messages(), round_index=0)
+
+
+@pytest.mark.drill
+def test_a_flower_run_prints_its_record_once_and_no_library_chatter(tmp_path):
+    """What a user sees from `ilora run engine=flower`: the suite's own lines, not Flower's deprecation
+    notice for the embedded simulation API, Ray's accelerator tip or each client process's model load report."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "ilora.cli", "run", "preset=smoke", "engine=flower", "rounds=1",
+                           f"out_dir={tmp_path}"], capture_output=True, text=True, env=env, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-2000:]
+    assert output.count("results record:") == 1, output
+    for chatter in ("DEPRECATED FEATURE", "LOAD REPORT", "FutureWarning", "Traceback"):
+        assert chatter not in output, output

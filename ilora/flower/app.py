@@ -78,10 +78,11 @@ def make_server_app(cfg: RunConfig | None = None, engine: str = "flower-app", tr
         record = run_experiment(run_cfg, tracker, build=build, engine=engine)
         if record["status"] == "ok":  # the clients' default state dirs (on this machine when the nodes are)
             shutil.rmtree(Path(run_cfg.out_dir) / run_id_for(run_cfg) / "flower-clients", ignore_errors=True)
-        print(f"results record: {Path(run_cfg.out_dir) / run_id_for(run_cfg) / 'result.json'} "
-              f"(status {record['status']}, final accuracy {record['final_accuracy']})")
-        if results is not None:
+        if results is not None:  # embedded (ilora run engine=flower): the CLI reports the record
             results.append(record)
+        else:  # flwr run: nothing else says where the record went
+            print(f"results record: {Path(run_cfg.out_dir) / run_id_for(run_cfg) / 'result.json'} "
+                  f"(status {record['status']}, final accuracy {record['final_accuracy']})")
 
     return app
 

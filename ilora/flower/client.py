@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from ilora.checkpoint import from_tensors, to_tensors
 from ilora.config import RunConfig, config_hash
 from ilora.flower.records import from_array_record, state_from_records, state_records, to_array_record
+from ilora.quiet import quiet_libraries
 from ilora.runner import RunParts, build_partition, build_parts, resolve_threads, run_id_for
 
 STATE_KEY = "ilora.client"  # the record names of a client's state in context.state
@@ -53,6 +54,7 @@ def client_side(cfg: RunConfig) -> ClientSide:
     key = f"{config_hash(cfg)}:{cfg.out_dir}:{cfg.device}:{cfg.threads}"
     if key not in _BUILT:
         _BUILT.clear()  # one run at a time per process
+        quiet_libraries()  # a ClientApp's process (a Ray actor) is not the CLI's: quiet it too
         torch.set_num_threads(resolve_threads(cfg.threads))
         parts = build_parts(cfg)
         _BUILT[key] = ClientSide(parts, parts.algorithm())
