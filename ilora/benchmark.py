@@ -43,6 +43,7 @@ import yaml
 
 from ilora.config import PUBLIC_KEYS, RunConfig, available_presets, resolve_config
 from ilora.errors import ConfigError
+from ilora.paths import check_name, is_plain_name
 
 BENCHMARK_ROOT = Path(__file__).resolve().parent.parent / "benchmarks"
 SWEEP_PRESETS = ("paper", "cpu", "quick", "smoke")
@@ -163,6 +164,9 @@ def available_benchmarks(root: Path | None = None) -> list[str]:
 def load_benchmark(name: str, root: Path | None = None) -> Benchmark:
     """A benchmark by name (``benchmarks/<name>.yaml``) or by path to a YAML file."""
     root = root or BENCHMARK_ROOT
+    if not name.endswith((".yaml", ".yml")) and not is_plain_name(name):
+        raise ConfigError(f"unknown benchmark {name!r} (valid: {', '.join(available_benchmarks(root))}, "
+                          "or the path of a benchmark YAML file)")
     path = Path(name) if name.endswith((".yaml", ".yml")) else root / f"{name}.yaml"
     if not path.exists():
         raise ConfigError(f"unknown benchmark {name!r} (valid: {', '.join(available_benchmarks(root))})")
@@ -173,6 +177,7 @@ def load_benchmark(name: str, root: Path | None = None) -> Benchmark:
     if not isinstance(data, dict) or "presets" not in data:
         raise ConfigError(f"benchmark {path}: must be a mapping with a 'presets' section")
     table = data.get("table") or {}
+    check_name(f"benchmark {path}: name", str(data.get("name", path.stem)))  # names its tables' and plots' files
     bench = Benchmark(
         name=str(data.get("name", path.stem)),
         title=str(data.get("title", path.stem)),

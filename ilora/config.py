@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ilora.errors import ConfigError
+from ilora.paths import check_name
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
@@ -156,6 +157,7 @@ def resolve_config(overrides: list[str] | None = None, config_root: Path | None 
         return str(cfg[key])
 
     for group in ("dataset", "model", "method"):
+        check_name(group, chosen(group))  # it names a file under configs/<group>/
         path = root / group / f"{chosen(group)}.yaml"
         if path.exists():
             cfg = _merge(cfg, _read_yaml(path, group), str(path.relative_to(root.parent)))
@@ -196,6 +198,8 @@ def validate(cfg: RunConfig) -> None:
     choose("wandb", cfg.wandb, WANDB_MODES)
     choose("engine", cfg.engine, ENGINES)
     choose("export", cfg.export, EXPORTS)
+    if cfg.run_id is not None:
+        check_name("run_id", cfg.run_id)  # <out_dir>/<run_id>/: it must not reach outside out_dir
     if cfg.num_clients < 1:
         raise ConfigError(f"num_clients must be at least 1, got {cfg.num_clients}")
     if len(cfg.ranks) != cfg.num_clients:
@@ -231,9 +235,17 @@ def validate(cfg: RunConfig) -> None:
     for key, value in to_dict(cfg).items():  # every float setting: nan and inf are never meant
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value}")
-    if cfg.momentum < 0 or cfg.weight_decay < 0 or (cfg.grad_clip is not None and cfg.grad_clip <= 0):
-        raise ConfigError("momentum and weight_decay must be non-negative and grad_clip positive or null, "
-                          f"got {cfg.momentum}, {cfg.weight_decay}, {cfg.grad_clip}")
+    if not 0 <= cfg.momentum < 1:
+        raise ConfigError(f"momentum must be in [0, 1) (SGD's momentum; at 1 or above the steps never decay), "
+                          f"got {cfg.momentum}")
+    if cfg.weight_decay < 0 or (cfg.grad_clip is not None and cfg.grad_clip <= 0):
+        raise ConfigError("weight_decay must be non-negative and grad_clip positive or null, "
+                          f"got {cfg.weight_decay}, {cfg.grad_clip}")
+    if cfg.max_length < 1:
+        raise ConfigError(f"max_length must be at least 1 token, got {cfg.max_length}")
+    if cfg.min_partition_size < 1 or cfg.classes_per_client < 1:
+        raise ConfigError("min_partition_size and classes_per_client must be at least 1 (every client needs an "
+                          f"example), got {cfg.min_partition_size}, {cfg.classes_per_client}")
     if cfg.flower_client_cpus <= 0 or cfg.flower_client_gpus < 0 or cfg.flower_timeout <= 0:
         raise ConfigError("flower_client_cpus and flower_timeout must be positive and flower_client_gpus non-negative, "
                           f"got {cfg.flower_client_cpus}, {cfg.flower_timeout}, {cfg.flower_client_gpus}")
@@ -242,11 +254,36 @@ def validate(cfg: RunConfig) -> None:
     if cfg.engine == "flower":
         check_flower()
         check_splits(cfg)
+    check_model_limits(cfg)
     check_writable_dir("out_dir", cfg.out_dir)
     check_device(cfg.device)
     if cfg.wandb == "online":
         check_wandb_login()
     method_options(cfg)  # the method's own options must be valid too
+
+
+def check_model_limits(cfg: RunConfig) -> None:
+    """Sizes against what the backbone accepts (its registered limits; no weights are loaded)."""
+    from ilora.models import model_kind, model_limits
+
+    limits = model_limits(cfg.model)
+    kind = model_kind(cfg.model)
+    if kind == "text" and limits.max_length is not None and cfg.max_length > limits.max_length:
+        raise ConfigError(f"max_length {cfg.max_length} exceeds {cfg.model}'s {limits.max_length} position "
+                          f"embeddings (valid: 1 to {limits.max_length})")
+    if kind == "image" and cfg.image_size is not None:
+        size = cfg.image_size
+        if limits.image_sizes is not None and size not in limits.image_sizes:
+            raise ConfigError(f"image_size {size} is not accepted by {cfg.model} "
+                              f"(valid: {', '.join(map(str, limits.image_sizes))})")
+        if size < limits.min_image_size or size % limits.image_multiple:
+            raise ConfigError(f"image_size {size} is not accepted by {cfg.model} (valid: a multiple of "
+                              f"{limits.image_multiple}, at least {limits.min_image_size}: {limits.why_image})")
+    largest = limits.max_rank
+    if largest is not None and max(cfg.ranks) > largest:
+        raise ConfigError(f"ranks: rank {max(cfg.ranks)} exceeds {largest}, the smallest min(d, k) of {cfg.model}'s "
+                          f"adapted layers (a LoRA factor's rank cannot exceed its layer's dimensions; valid: 1 to "
+                          f"{largest})")
 
 
 def check_writable_dir(key: str, path: str) -> None:

@@ -291,6 +291,10 @@ def export_run(run_dir: Path, fmt: str = "peft", out: Path | None = None) -> lis
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r} (valid: {', '.join(FORMATS)})")
     run_dir = Path(run_dir)
+    if out is not None:
+        from ilora.config import check_writable_dir
+
+        check_writable_dir("--out", str(out))  # before the model is rebuilt
     record_path, model_path = run_dir / "result.json", run_dir / GLOBAL_MODEL
     if not record_path.is_file():
         raise UserError(f"RUN_DIR {run_dir} holds no result.json (a finished run's directory, e.g. runs/cpu/<run_id>)")

@@ -38,6 +38,23 @@ CASES: list[tuple[list[str], str]] = [
     (["run", "lora_alpha=0"], "lora_alpha must be positive"),
     (["run", "participation=0"], "participation must be in (0, 1]"),
     (["run", "participation=1.5"], "participation must be in (0, 1]"),
+    # run: names that become paths stay inside their directory
+    (["run", "preset=smoke", "run_id=../../escaped"], "run_id '../../escaped' must be a plain name"),
+    (["run", "preset=smoke", "run_id=/tmp/escaped"], "run_id '/tmp/escaped' must be a plain name"),
+    (["run", "preset=smoke", "run_id=a/b"], "run_id 'a/b' must be a plain name"),
+    (["run", "preset=smoke", "run_id=.hidden"], "run_id '.hidden' must be a plain name"),
+    (["run", "dataset=../../configs/preset/cpu"], "dataset '../../configs/preset/cpu' must be a plain name"),
+    (["run", "method=fedit/../../x"], "method 'fedit/../../x' must be a plain name"),
+    # run: sizes and ranges against the backbone, before any work
+    (["run", "preset=smoke", "max_length=4096"], "max_length 4096 exceeds minilm's 512 position embeddings"),
+    (["run", "preset=smoke", "max_length=0"], "max_length must be at least 1"),
+    (["run", "preset=smoke", "momentum=2"], "momentum must be in [0, 1)"),
+    (["run", "preset=smoke", "momentum=1"], "momentum must be in [0, 1)"),
+    (["run", "preset=smoke", "ranks=[2,4,500]"], "ranks: rank 500 exceeds 384"),
+    (["run", "preset=smoke", "model=efficientnet_lite0", "dataset=fashion_mnist", "ranks=32"], "rank 32 exceeds 16"),
+    (["run", "model=vit_base", "dataset=cifar10", "image_size=100"], "image_size 100 is not accepted by vit_base"),
+    (["run", "model=swin_base", "dataset=cifar10", "image_size=256"], "image_size 256 is not accepted by swin_base"),
+    (["run", "min_partition_size=0"], "min_partition_size and classes_per_client must be at least 1"),
     (["run", "rounds=0"], "rounds must be at least 1"),
     (["run", "local_epochs=0"], "local_epochs must be at least 1"),
     (["run", "batch_size=0"], "batch_size must be at least 1"),
@@ -46,7 +63,8 @@ CASES: list[tuple[list[str], str]] = [
     (["run", "lr=nan"], "lr must be a finite number"),
     (["run", "lr=inf"], "lr must be a finite number"),
     (["run", "weight_decay=-inf"], "weight_decay must be a finite number"),
-    (["run", "momentum=-1"], "momentum and weight_decay must be non-negative"),
+    (["run", "momentum=-1"], "momentum must be in [0, 1)"),
+    (["run", "weight_decay=-1"], "weight_decay must be non-negative"),
     (["run", "grad_clip=0"], "grad_clip positive"),
     (["run", "dirichlet_alpha=0"], "dirichlet_alpha must be positive"),
     (["run", "lora_dropout=1"], "lora_dropout must be in [0, 1)"),
@@ -99,6 +117,9 @@ CASES: list[tuple[list[str], str]] = [
     (["report", "all", "--preset", "cpu", "--out-dir", "{tmp}/nothing_here"], "no results records"),
     (["report", "all", "--preset", "cpu", "--out-dir", "{tmp}/empty"], "no results records under"),
     (["report", "nope"], "unknown benchmark 'nope'"),
+    (["report", "../benchmarks/compare"], "unknown benchmark '../benchmarks/compare'"),
+    (["sweep", "{tmp}/evil.yaml", "--preset", "smoke"], "name '../../evil' must be a plain name"),
+    (["export", "{tmp}/nothing_here", "--out", "{tmp}/a_file/x"], "--out '{tmp}/a_file/x' is not a directory"),
     (["report", "all", "--preset", "nope"], "unknown preset 'nope'"),
     (["report", "all", "--preset", "smoke", "--wandb", "sometimes"], "argument --wandb: invalid choice: 'sometimes'"),
     (["report", "all", "--preset", "smoke", "--wandb", "online"], "--wandb online needs a W&B API key"),
@@ -130,6 +151,7 @@ def test_bad_input_ends_in_one_line_exit_2_and_writes_nothing(argv, fragment, tm
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc: no W&B key
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "evil.yaml").write_text("name: ../../evil\npresets: {smoke: {grid: {method: [fedit]}}}\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "home").mkdir()
     before = snapshot(tmp_path)

@@ -28,6 +28,7 @@ SAME = ("round", "clients", "accuracy", "loss", "train_loss", "uplink_bytes", "d
 
 
 def test_killed_supernode_ends_the_run_with_one_error_and_the_rerun_resumes_to_the_same_record(tmp_path):
+    from ilora.flower import split_overrides
     from ilora.flower.local import LocalDeployment, descendants
 
     overrides = ["preset=smoke", "method=fedit", "rounds=3", "threads=1", "flower_timeout=60"]
@@ -35,13 +36,14 @@ def test_killed_supernode_ends_the_run_with_one_error_and_the_rerun_resumes_to_t
     overrides.append(f"out_dir={tmp_path / 'runs'}")
     run_dir = tmp_path / "runs" / run_id_for(resolve_config(overrides))
 
-    deployment = LocalDeployment(tmp_path / "deployment", supernodes=3)
+    caller, operator = split_overrides(overrides)  # out_dir and threads are the operator's, not the caller's
+    deployment = LocalDeployment(tmp_path / "deployment", supernodes=3, operator=operator)
     started: list[int] = []
     try:
         deployment.start()
         log = tmp_path / "first-run.log"
         with open(log, "w") as output:
-            first = deployment.submit(overrides, output)
+            first = deployment.submit(caller, output)
             deadline = time.monotonic() + 300
             while not (run_dir / "checkpoint" / "checkpoint-1.json").exists():  # round 1 done, round 2 training
                 assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
@@ -59,7 +61,7 @@ def test_killed_supernode_ends_the_run_with_one_error_and_the_rerun_resumes_to_t
 
         deployment.start_supernode(1)
         with open(tmp_path / "second-run.log", "w") as output:
-            assert deployment.run(overrides, timeout=600, output=output) == 0
+            assert deployment.run(caller, timeout=600, output=output) == 0
         assert "resuming" in (tmp_path / "second-run.log").read_text()
     finally:
         deployment.stop()

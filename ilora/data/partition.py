@@ -35,6 +35,9 @@ def partition(labels: np.ndarray, spec: PartitionSpec) -> list[np.ndarray]:
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
+    if spec.num_clients > len(labels):
+        raise ConfigError(f"partition: {spec.num_clients} clients but only {len(labels)} training examples: a client "
+                          "would get no training example (lower num_clients or raise max_train_samples)")
     if spec.scheme == "dirichlet" and spec.min_partition_size * spec.num_clients > len(labels):
         raise ConfigError(f"min_partition_size {spec.min_partition_size} x {spec.num_clients} clients needs "
                           f"{spec.min_partition_size * spec.num_clients} training examples, the data has {len(labels)} "
@@ -75,6 +78,11 @@ def partition(labels: np.ndarray, spec: PartitionSpec) -> list[np.ndarray]:
                               f"{len(labels)} examples (lower min_partition_size, or raise dirichlet_alpha or "
                               "max_train_samples)") from None
         raise ConfigError(f"partition: {exc}") from None
+    empty = [i for i, part in enumerate(parts) if len(part) == 0]
+    if empty:
+        raise ConfigError(f"partition: client(s) {', '.join(map(str, empty))} of {spec.num_clients} get no training "
+                          f"example ({spec.scheme} over {len(labels)} examples; lower num_clients, raise "
+                          "max_train_samples, or use a partition that gives every client data)")
     return parts
 
 

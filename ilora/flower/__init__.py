@@ -20,6 +20,28 @@ OFFLINE_ENVIRONMENT = {
 }
 
 
+# What a `flwr run` caller may set (``-c 'overrides="key=value ..."'``): the experiment, never a path, a
+# device or an account on the machines that run the apps. Those come from each machine's own operator:
+# ``ILORA_FLOWER_SERVER_OVERRIDES`` in the environment of the process that runs the app (any key, applied
+# after the caller's), and the SuperNode's ``--node-config`` (``state-dir``). docs/flower.md.
+CALLER_KEYS = frozenset({
+    "preset", "method", "dataset", "model", "num_clients", "participation", "ranks", "rounds", "partition",
+    "dirichlet_alpha", "min_partition_size", "classes_per_client", "local_epochs", "local_steps", "batch_size",
+    "eval_batch_size", "optimizer", "lr", "momentum", "weight_decay", "grad_clip", "divergence_loss_factor",
+    "divergence_at_chance", "lora_alpha", "lora_dropout", "backbone_dropout", "rslora", "lora_targets",
+    "method_args", "max_length", "image_size", "max_train_samples", "max_test_samples", "split_seed", "seed",
+    "flower_timeout", "flower_min_clients",
+})
+SERVER_OVERRIDES_ENV = "ILORA_FLOWER_SERVER_OVERRIDES"
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``(caller's, operator's)``: the ``key=value`` items a ``flwr run`` caller may send, and the rest, which
+    the operator of a machine sets in ``ILORA_FLOWER_SERVER_OVERRIDES`` (e.g. ``out_dir``, ``threads``)."""
+    caller = [o for o in overrides if o.split("=", 1)[0].strip().split(".", 1)[0] in CALLER_KEYS]
+    return caller, [o for o in overrides if o not in caller]
+
+
 def set_offline_environment() -> dict[str, str]:
     """Set the switches above in this process (and so in every process it starts); returns them."""
     os.environ.update(OFFLINE_ENVIRONMENT)

@@ -8,12 +8,13 @@ same apps around an already resolved config (``make_server_app`` / ``make_client
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 from pathlib import Path
 from typing import Any
 
-from ilora.flower import set_offline_environment
+from ilora.flower import CALLER_KEYS, SERVER_OVERRIDES_ENV, set_offline_environment
 
 set_offline_environment()
 
@@ -22,6 +23,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from ilora.config import RunConfig, resolve_config  # noqa: E402
+from ilora.errors import ConfigError  # noqa: E402
 from ilora.flower.client import handle_query, handle_train  # noqa: E402
 from ilora.flower.server import FlowerServer  # noqa: E402
 from ilora.runner import build_parts, resolve_threads, run_experiment, run_id_for  # noqa: E402
@@ -29,15 +31,30 @@ from ilora.runner import build_parts, resolve_threads, run_experiment, run_id_fo
 _RESOLVED: dict[tuple, RunConfig] = {}
 
 
+def caller_overrides(run_config: dict[str, Any]) -> list[str]:
+    """The caller's ``overrides``, each key checked against ``CALLER_KEYS`` (a ``ConfigError`` names the first
+    that is not); a caller's ``config`` file is refused: files on the app's machine are its operator's."""
+    if str(run_config.get("config") or ""):
+        raise ConfigError(f"config: a run config may not name a file on the app's machine; put the keys in "
+                          f"overrides, or have the operator set {SERVER_OVERRIDES_ENV}='config=PATH'")
+    overrides = shlex.split(str(run_config.get("overrides", "")))
+    for item in overrides:
+        key = item.split("=", 1)[0].strip().split(".", 1)[0]
+        if key not in CALLER_KEYS:
+            raise ConfigError(f"overrides: {key!r} cannot be set by a flwr run caller (valid: "
+                              f"{', '.join(sorted(CALLER_KEYS))}); paths, devices and accounts are set by the "
+                              f"operator in {SERVER_OVERRIDES_ENV}")
+    return overrides
+
+
 def config_from_context(context: Context) -> RunConfig:
-    """The suite's config from Flower's run config (``config``, ``overrides``), resolved once per process."""
+    """The suite's config from Flower's run config (the caller's ``overrides``, allow-listed) and the operator's
+    ``ILORA_FLOWER_SERVER_OVERRIDES``, resolved once per process."""
     run_config = dict(context.run_config)
-    key = tuple(sorted((k, str(v)) for k, v in run_config.items()))
+    server = os.environ.get(SERVER_OVERRIDES_ENV, "")
+    key = (tuple(sorted((k, str(v)) for k, v in run_config.items())), server)
     if key not in _RESOLVED:
-        overrides = shlex.split(str(run_config.get("overrides", "")))
-        if run_config.get("config"):
-            overrides.append(f"config={run_config['config']}")
-        cfg = resolve_config(overrides)
+        cfg = resolve_config([*caller_overrides(run_config), *shlex.split(server)])
         cfg.out_dir = str(Path(cfg.out_dir).resolve())
         _RESOLVED[key] = cfg
     return _RESOLVED[key]

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from ilora.flower import set_offline_environment
+from ilora.flower import SERVER_OVERRIDES_ENV, set_offline_environment, split_overrides
 
 BIN = Path(sys.executable).parent
 APP_DIR = Path(__file__).resolve().parents[2] / "flower"
@@ -66,12 +66,15 @@ def descendants(pid: int) -> list[int]:
 class LocalDeployment:
     """A SuperLink and SuperNodes started by this object, and only those stopped by it."""
 
-    def __init__(self, workdir: Path, supernodes: int, tls: Path | None = None):
+    def __init__(self, workdir: Path, supernodes: int, tls: Path | None = None, operator: list[str] = ()):
+        """``operator``: the ``key=value`` settings of the machines' operator (``out_dir``, ``threads``, ...),
+        given to the SuperLink and SuperNodes in ``ILORA_FLOWER_SERVER_OVERRIDES``; a ``flwr run`` caller
+        cannot set them."""
         self.workdir, self.supernodes, self.tls = workdir, supernodes, tls
         self.processes: dict[str, subprocess.Popen] = {}
         self.port = free_port()
         self.env = {**os.environ, **set_offline_environment(), "FLWR_HOME": str(workdir / "flwr-home"),
-                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", SERVER_OVERRIDES_ENV: shlex.join(operator)}
         self.env["PATH"] = f"{BIN}{os.pathsep}{self.env.get('PATH', '')}"
 
     def security(self, node: bool) -> list[str]:
@@ -109,7 +112,7 @@ class LocalDeployment:
                                                 start_new_session=True)
 
     def submit(self, overrides: list[str], output=None) -> subprocess.Popen:
-        """Start ``flwr run`` on the app with the suite's overrides, streaming the run's output to ``output``."""
+        """Start ``flwr run`` on the app with the caller's overrides, streaming the run's output to ``output``."""
         command = [str(BIN / "flwr"), "run", str(APP_DIR), "local-deployment", "--stream",
                    "-c", f"overrides={json.dumps(shlex.join(overrides))}"]
         return subprocess.Popen(command, env=self.env, stdout=output, stderr=subprocess.STDOUT if output else None)
@@ -171,13 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    overrides = [*overrides, f"out_dir={Path(cfg.out_dir).resolve()}"]
-    deployment = LocalDeployment(args.workdir.resolve(), args.supernodes or cfg.num_clients, args.tls)
+    caller, operator = split_overrides([*overrides, f"out_dir={Path(cfg.out_dir).resolve()}"])
+    deployment = LocalDeployment(args.workdir.resolve(), args.supernodes or cfg.num_clients, args.tls, operator)
     try:
         deployment.start()
         print(f"SuperLink on 127.0.0.1:{deployment.port}, {deployment.supernodes} SuperNodes "
               f"(logs: {deployment.workdir / 'logs'})", file=sys.stderr)
-        code = deployment.run(overrides, args.timeout)
+        code = deployment.run(caller, args.timeout)
     finally:
         deployment.stop()
     record_path = Path(cfg.out_dir).resolve() / run_id_for(cfg) / "result.json"

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from ilora.errors import ConfigError
 from ilora.models.base import (  # noqa: F401  (re-exported)
+    MODEL_LIMITS,
     MODELS,
     Backbone,
     Batch,
     Builder,
     FrozenBackboneModule,
+    ModelLimits,
     ModelOptions,
     fixed_targets,
     head_parameters,
@@ -38,6 +40,12 @@ def model_kind(name: str) -> str:
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r} (valid: {', '.join(sorted(MODELS))})")
     return MODELS[name][1]
+
+
+def model_limits(name: str) -> ModelLimits:
+    """The sizes ``name`` accepts (``register_model(..., limits=...)``)."""
+    model_kind(name)
+    return MODEL_LIMITS[name]
 
 
 def build_model(name: str, options: ModelOptions) -> Backbone:

