@@ -10,10 +10,10 @@ from conftest import tiny_backbone, tiny_data, tiny_federation
 from baselines.flora import stack_modules
 from baselines.lora_fair import LoRAFAIRConfig, closed_form_correction, cosine_correction
 from ilora.algorithm import ClientModel, build_config, get_algorithm
-from ilora.config import RunConfig, resolve_config
+from ilora.config import RunConfig, method_options, resolve_config
 from ilora.errors import ConfigError
 from ilora.lowrank import pad_A, pad_B
-from ilora.simulation import Simulation
+from ilora.simulation import Simulation, load_client_model
 
 RANKS = [2, 4, 6]
 WEIGHTS = {0: 0.2, 1: 0.3, 2: 0.5}
@@ -120,8 +120,6 @@ def test_flora_fresh_init_differs_per_round_and_eval_adds_nothing():
     name = next(iter(fed.layers))
     assert not torch.equal(first.A[name], second.A[name])
     # the evaluated model is exactly W0 + merged delta
-    from ilora.simulation import load_client_model
-
     load_client_model(backbone, algo.eval_model())
     layer = backbone.lora_layers[name]
     x = rand(5, layer.in_features, seed=3)
@@ -131,11 +129,33 @@ def test_flora_fresh_init_differs_per_round_and_eval_adds_nothing():
 
 # ------------------------------------------------------------------------------------------- FFA-LoRA
 def test_ffa_lora_exactness_float64():
-    A = rand(6, 7, seed=1)
-    Bs = [pad_B(rand(9, r, seed=r), 6) for r in RANKS]
-    p = [0.2, 0.3, 0.5]
-    torch.testing.assert_close(sum(w * b for w, b in zip(p, Bs)) @ A, sum(w * b @ A for w, b in zip(p, Bs)),
-                               rtol=0, atol=1e-12)
+    """FFA-LoRA's own aggregate of known B's: B_g = sum p_i pad(B_i) with A untouched, and the evaluated
+    layer computes x (W0 + s_max sum p_i B_i A[:r_i])^T + b exactly."""
+    backbone = tiny_backbone()
+    fed = tiny_federation(backbone, RANKS, [20, 30, 50])
+    algo = get_algorithm("ffa_lora")(fed)
+    A_sent, B_sent, uploads = {}, {}, {}
+    for cid, r in enumerate(RANKS):
+        _, model = algo.download(cid)
+        A_sent[cid] = {n: a.clone() for n, a in model.A.items()}
+        B_sent[cid] = {n: rand(spec.out_features, r, seed=10 * cid + i)
+                       for i, (n, spec) in enumerate(fed.layers.items())}
+        uploads[cid] = algo.upload(cid, ClientModel(model.A, B_sent[cid], model.head, model.scale, train_A=False))
+    algo.aggregate(uploads, WEIGHTS)
+    s_max = 8.0 / max(RANKS)
+    load_client_model(backbone, algo.eval_model())
+    for name, spec in fed.layers.items():
+        assert all(torch.equal(A_sent[c][name], A_sent[2][name][: RANKS[c]]) for c in range(3))  # one shared A
+        B_g = sum(WEIGHTS[c] * torch.nn.functional.pad(B_sent[c][name], (0, 6 - RANKS[c])) for c in range(3))
+        torch.testing.assert_close(algo.B[name], B_g, rtol=0, atol=1e-12)
+        torch.testing.assert_close(algo.A[name], A_sent[2][name], rtol=0, atol=0)
+        products = [B_sent[c][name] @ A_sent[c][name] for c in range(3)]
+        assert min(float((products[0] - p).abs().max()) for p in products[1:]) > 1e-2  # the clients disagree
+        ideal = sum(WEIGHTS[c] * products[c] for c in range(3))
+        layer = backbone.lora_layers[name]
+        x = rand(5, spec.in_features, seed=7)
+        expected = x @ (layer.pretrained_weight + s_max * ideal).T + layer.base.bias
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
 
 
 def test_ffa_lora_shared_frozen_A_and_B_only_messages():
@@ -277,7 +297,38 @@ def test_option_validation_names_field_and_choices():
         resolve_config(["method=lora_fair", "method_args.correction=bogus"])
 
 
+# Each method's documented defaults (ALGORITHMS.md: LoRA-FAIR's closed-form ridge fit with lambda = 0.01;
+# FFA-LoRA averages raw B; FLoRA merges every stack into the base; the authors' variants off), and one option.
+DEFAULTS = {
+    "flora": ({"authors_merge": False}, ("authors_merge", True)),
+    "lora_fair": ({"correction": "closed_form", "lam": 0.01, "fold_scales": False, "control_variates": False,
+                   "authors_merged_base": False, "authors_local_head": False}, ("lam", 0.5)),
+    "ffa_lora": ({"fold_scales": False, "authors_trained_A": False, "control_variates": False}, ("fold_scales", True)),
+}
+
+
 @pytest.mark.parametrize("method", ["flora", "lora_fair", "ffa_lora"])
-def test_method_configs_resolve(method):
-    cfg = resolve_config([f"method={method}", "preset=smoke"])
-    assert cfg.method == method
+def test_method_configs_resolve(method: str):
+    """The smoke preset with each method: the registered method's options hold its documented defaults, and an
+    option given on the command line reaches the built algorithm and changes what it aggregates."""
+    defaults, (key, value) = DEFAULTS[method]
+    options = method_options(resolve_config([f"method={method}", "preset=smoke"]))
+    cls = get_algorithm(method)
+    assert type(options) is cls.Config
+    assert {k: getattr(options, k) for k in defaults} == defaults
+    overridden = method_options(resolve_config([f"method={method}", "preset=smoke", f"method_args.{key}={value}"]))
+    assert getattr(overridden, key) == value
+    assert {k: getattr(overridden, k) for k in defaults if k != key} == {k: v for k, v in defaults.items() if k != key}
+    backbone = tiny_backbone()
+    fed = tiny_federation(backbone, ranks=RANKS, sizes=[20, 30, 50])
+    plain, changed = cls(fed, options), cls(fed, overridden)
+    assert getattr(changed.config, key) == value
+    factors = ("B",) if method == "ffa_lora" else ("A", "B")
+    for algo in (plain, changed):
+        algo.aggregate(random_uploads(algo, fed, seed=3, factors=factors), WEIGHTS)
+    name = next(iter(fed.layers))
+
+    def dense(m: ClientModel) -> torch.Tensor:  # the evaluated update of one layer
+        return m.scale * m.B[name] @ m.A[name] + (0 if m.base_delta is None else m.base_delta[name])
+
+    assert float((dense(plain.eval_model()) - dense(changed.eval_model())).abs().max()) > 1e-6

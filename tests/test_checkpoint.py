@@ -10,7 +10,8 @@ from conftest import tiny_backbone, tiny_data, tiny_federation
 
 from ilora.algorithm import available_algorithms, get_algorithm
 from ilora.checkpoint import load_checkpoint, save_checkpoint
-from ilora.config import RunConfig
+from ilora.config import RunConfig, resolve_config
+from ilora.runner import run_experiment
 from ilora.simulation import Simulation, client_sampling_stream
 
 
@@ -49,11 +50,49 @@ def test_resume_equals_uninterrupted(method: str, tmp_path: Path):
     assert load_checkpoint(tmp_path, make_sim(method).algorithm, "other-config") == []
 
 
+def run_with_tiny_model(cfg: RunConfig, trained_rounds: list[int], kill_after: int | None = None) -> dict:
+    """``run_experiment`` (the CLI's path: checkpoint after every round, resume from the last one) with the
+    tiny model in place of the config's; ``trained_rounds`` gets the 0-based round of every client's local
+    training; with ``kill_after`` the run is killed once that round is recorded and checkpointed."""
+
+    def build(cfg: RunConfig) -> tuple[Simulation, dict]:
+        sim = make_sim(cfg.method, rounds=cfg.rounds)
+        train = sim.train_client
+
+        def recording(round_index: int, cid: int, model):
+            trained_rounds.append(round_index)
+            return train(round_index, cid, model)
+
+        sim.train_client = recording
+        return sim, {}
+
+    class Kill:
+        def log_round(self, row: dict) -> None:
+            if row["round"] == kill_after:
+                raise KeyboardInterrupt
+
+    return run_experiment(cfg, tracker=Kill() if kill_after else None, build=build)
+
+
+@pytest.mark.parametrize("rounds_done", [1, 2, 3])
+def test_a_resumed_run_continues_at_the_round_after_its_checkpoint(rounds_done: int, tmp_path: Path):
+    """Killed after round k, the same command trains round k + 1 onwards: it neither redoes round k nor
+    skips to k + 2, and its record has rounds 1..4 once each with an uninterrupted run's numbers."""
+    cfg = resolve_config(["preset=smoke", "method=ilora_s", "rounds=4", "threads=1", f"out_dir={tmp_path}"])
+    before, after = [], []
+    with pytest.raises(KeyboardInterrupt):
+        run_with_tiny_model(cfg, before, kill_after=rounds_done)
+    assert sorted(set(before)) == list(range(rounds_done))
+    record = run_with_tiny_model(cfg, after)
+    assert sorted(set(after)) == list(range(rounds_done, 4))  # 0-based: round k + 1 is index k
+    assert [r["round"] for r in record["rounds"]] == [1, 2, 3, 4]
+    uninterrupted = [(r.round, r.accuracy, r.loss) for r in make_sim("ilora_s", rounds=4).run()]
+    assert [(r["round"], r["accuracy"], r["loss"]) for r in record["rounds"]] == uninterrupted
+    assert record["status"] == "ok" and not (tmp_path / record["run_id"] / "checkpoint").exists()
+
+
 @pytest.mark.slow
 def test_killed_cli_run_resumes(tmp_path: Path):
-    from ilora.config import resolve_config
-    from ilora.runner import run_experiment
-
     class KillAtRound2:
         def log_round(self, row):
             if row["round"] == 2:

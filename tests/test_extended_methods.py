@@ -266,7 +266,13 @@ def test_scaffold_fedit_server_variate_is_the_mean_of_the_clients_gradients():
     expected = sum(pad_A(grads[c]["lora_A/proj"], 6) for c in range(3)) / 3
     torch.testing.assert_close(algo.control_variates.c["lora_A/proj"], expected, rtol=0, atol=1e-14)
     _, corrections = one_round(100)
-    assert all(float(corrections[c]["lora_B/mix"].abs().max()) > 0 for c in range(3))
+    for cid, r in enumerate(RANKS):  # round 2: c (the mean of the round-1 gradients) cut to r_i, minus c_i
+        c_B = sum(pad_B(grads[c]["lora_B/mix"], 6) for c in range(3)) / 3
+        torch.testing.assert_close(corrections[cid]["lora_A/proj"], expected[:r] - grads[cid]["lora_A/proj"],
+                                   rtol=0, atol=1e-14)
+        torch.testing.assert_close(corrections[cid]["lora_B/mix"], c_B[:, :r] - grads[cid]["lora_B/mix"],
+                                   rtol=0, atol=1e-14)
+        assert float(corrections[cid]["lora_B/mix"].abs().max()) > 0
 
 
 def test_personalised_method_is_evaluated_per_client(tiny):

@@ -11,6 +11,7 @@ import copy
 import pytest
 import scipy.linalg
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from baselines.fedit import FedIT
@@ -313,11 +314,14 @@ def test_control_variate_shapes_padding_and_cutting():
     assert torch.allclose(cv.c["lora_A/l1"], expected / 3, atol=1e-15)
     assert torch.allclose(cv.c["lora_A/l1"][3:], grads[2]["lora_A/l1"][3:] / 3, atol=1e-15)  # rank-5 only
     assert torch.allclose(cv.c["head/head.bias"], sum(grads[c]["head/head.bias"] for c in range(3)) / 3)
-    # round 2: each client's correction is c cut to its rank minus its own c_i
+    # round 2: each client's correction is c cut to its rank minus its own c_i (= its round-1 gradient)
+    c_hand = {k: sum(hand_pad(k, grads[c][k], 5) for c in range(3)) / 3 for k in grads[0]}
     _, _, corr = cv_round(algo, [0, 1, 2], seed=50)
     for c, r in enumerate(ranks):
         assert corr[c]["lora_A/l1"].shape == (r, 12) and corr[c]["lora_B/l1"].shape == (10, r)
         assert corr[c]["head/head.weight"].shape == (3, 8)
+        for k, t in corr[c].items():
+            torch.testing.assert_close(t, hand_cut(k, c_hand[k], r) - grads[c][k], rtol=0, atol=1e-14)
         assert float(corr[c]["lora_B/l2"].abs().max()) > 0
 
 
@@ -339,48 +343,137 @@ def test_one_client_full_participation_has_zero_correction():
         assert all(float(v.abs().max()) <= (0.0 if t < 2 else 1e-14) for v in corr[0].values()), t
 
 
+# SCAFFOLD written out: every gradient from autograd on Tiny's forward spelled out below, every optimiser
+# step by its formula, padding and cutting by hand; nothing here calls the suite's control variates.
+Params = dict[str, torch.Tensor]
+
+
+def hand_pad(name: str, t: torch.Tensor, rank: int) -> torch.Tensor:
+    """Zero rows (``lora_A``) or columns (``lora_B``) up to ``rank``; the head unchanged."""
+    if name.startswith("lora_A/"):
+        return torch.cat([t, t.new_zeros(rank - t.shape[0], t.shape[1])])
+    if name.startswith("lora_B/"):
+        return torch.cat([t, t.new_zeros(t.shape[0], rank - t.shape[1])], dim=1)
+    return t
+
+
+def hand_cut(name: str, t: torch.Tensor, rank: int) -> torch.Tensor:
+    """The first ``rank`` rows (``lora_A``) or columns (``lora_B``); the head unchanged."""
+    return t[:rank] if name.startswith("lora_A/") else t[:, :rank] if name.startswith("lora_B/") else t
+
+
+def hand_logits(pretrained: Tiny, params: Params, scale: float, x: torch.Tensor) -> torch.Tensor:
+    """Tiny with LoRA: ``tanh(h (W + s B A)^T + b)`` for ``l1`` and ``l2``, then the head."""
+    h = x
+    for name in ("l1", "l2"):
+        layer = pretrained.get_submodule(name)
+        W = layer.weight.detach() + scale * params[f"lora_B/{name}"] @ params[f"lora_A/{name}"]
+        h = torch.tanh(h @ W.T + layer.bias.detach())
+    return h @ params["head/head.weight"].T + params["head/head.bias"]
+
+
+def hand_gradient(pretrained: Tiny, params: Params, scale: float, data: dict, divide_by: int = 1) -> Params:
+    """The gradient of the mean cross-entropy over all of ``data``, divided by ``divide_by`` (the loss in float32,
+    as the simulator takes it)."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    loss = F.cross_entropy(hand_logits(pretrained, leaves, scale, data["x"]).float(), data["labels"]) / divide_by
+    return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+def hand_local_training(pretrained: Tiny, start: Params, scale: float, data: dict, correction: Params,
+                        optimizer: str, lr: float, steps: int) -> Params:
+    """``steps`` full-batch steps on ``g + correction``: SGD (momentum 0.9) or AdamW (0.9, 0.999, 1e-8, no decay)."""
+    x = {k: v.clone() for k, v in start.items()}
+    m = {k: torch.zeros_like(v) for k, v in x.items()}
+    v = {k: torch.zeros_like(t) for k, t in x.items()}
+    for t in range(1, steps + 1):
+        g = hand_gradient(pretrained, x, scale, data)
+        for k in x:
+            gk = g[k] + correction[k]
+            if optimizer == "sgd":
+                m[k] = 0.9 * m[k] + gk
+                x[k] = x[k] - lr * m[k]
+            else:
+                m[k] = 0.9 * m[k] + 0.1 * gk
+                v[k] = 0.999 * v[k] + 0.001 * gk**2
+                x[k] = x[k] - lr * (m[k] / (1 - 0.9**t)) / ((v[k] / (1 - 0.999**t)).sqrt() + 1e-8)
+    return x
+
+
+def hand_scaffold(pretrained: Tiny, init: Params, ranks: list[int], data: list[dict], sampling: list[list[int]],
+                  estimator: str, optimizer: str, lr: float, steps: int, alpha: float = 4.0, sign: float = 1.0):
+    """SCAFFOLD option I on zero-padded FedAvg of ``A``, ``B`` and the head, rounds as ``sampling`` says.
+
+    Returns the global tensors, the server's ``c`` and the last corrections ``sign * (c - c_i)`` per client.
+    """
+    n_all, r_max = len(ranks), max(ranks)
+    model = dict(init)
+    c = {k: torch.zeros_like(t) for k, t in init.items()}
+    c_i: dict[int, Params] = {}
+    corrections: dict[int, Params] = {}
+    for clients in sampling:
+        trained, dc = {}, {}
+        for i in clients:
+            r, n = ranks[i], len(data[i]["labels"])
+            start = {k: hand_cut(k, t, r) for k, t in model.items()}
+            old = c_i.get(i, {k: torch.zeros_like(t) for k, t in start.items()})
+            new = hand_gradient(pretrained, start, alpha / r, data[i], divide_by=n if estimator == "code" else 1)
+            corrections[i] = {k: sign * (hand_cut(k, c[k], r) - old[k]) for k in start}
+            trained[i] = hand_local_training(pretrained, start, alpha / r, data[i], corrections[i], optimizer, lr,
+                                             steps)
+            dc[i], c_i[i] = {k: new[k] - old[k] for k in new}, new
+        total = sum(len(data[i]["labels"]) for i in clients)
+        p = {i: len(data[i]["labels"]) / total for i in clients}
+        model = {k: sum(p[i] * hand_pad(k, trained[i][k], r_max) for i in clients) for k in model}
+        c = {k: c[k] + sum(hand_pad(k, dc[i][k], r_max) for i in clients) / n_all for k in c}
+    return model, c, corrections
+
+
 class Recording(ILoRAS):
-    """ILoRA-S that remembers what each client started from, its c_i_new and its correction."""
+    """ILoRA-S that keeps the gradient correction it handed each client last."""
 
-    def __init__(self, fed, config=None):
+    def __init__(self, fed: Federation, config: ILoRASConfig | None = None):
         super().__init__(fed, config)
-        self.start, self.grad, self.corr, self.end = {}, {}, {}, {}
+        self.corr: dict[int, Params] = {}
 
-    def download(self, cid):
-        msg, model = super().download(cid)
-        self.start[cid] = {k: v.clone() for k, v in model.flat().items()}
-        return msg, model
-
-    def gradient_correction(self, cid):
+    def gradient_correction(self, cid: int) -> Params:
         self.corr[cid] = super().gradient_correction(cid)
-        self.grad[cid] = self.control_variates.pending[cid]
         return self.corr[cid]
-
-    def upload(self, cid, trained):
-        self.end[cid] = trained.flat()
-        return super().upload(cid, trained)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_correction_enters_the_gradient_before_the_optimiser(optimizer):
-    """One full-batch local step: the step is taken on g + (c - c_i) for SGD-momentum and AdamW."""
-    ranks = [2, 4]
-    _, backbone, fed, data, test = tiny(ranks)
-    algo = Recording(fed, ILoRASConfig(cv_estimator="scaffold"))  # c_i_new: the full-batch gradient
-    lr = 0.05
-    cfg = RunConfig(rounds=2, local_steps=1, batch_size=64, optimizer=optimizer, lr=lr, progress=False)
-    Simulation(algo, backbone, data, test, cfg, sampling=[[0, 1], [0, 1]], seed=0).run()
-    adam = lambda u: u / (u.abs() + 1e-8)  # noqa: E731  (the first AdamW step direction)
-    for cid in (0, 1):  # round 2: the correction is non-zero
-        assert max(float(v.abs().max()) for v in algo.corr[cid].values()) > 1e-3
-        moved_by_correction = False
-        for k, start in algo.start[cid].items():
-            g, corr = algo.grad[cid][k], algo.corr[cid][k]  # full-batch gradient, c - c_i
-            step = (g + corr) if optimizer == "sgd" else adam(g + corr)
-            assert torch.allclose(algo.end[cid][k], start - lr * step, rtol=0, atol=1e-5 * lr), k
-            without = g if optimizer == "sgd" else adam(g)
-            moved_by_correction |= not torch.allclose(step, without, rtol=0, atol=1e-3)
-        assert moved_by_correction
+@pytest.mark.parametrize("estimator", ["scaffold", "code"])
+def test_correction_enters_the_gradient_before_the_optimiser(optimizer: str, estimator: str):
+    """Two rounds of ILoRA-S through the simulator against SCAFFOLD computed by hand (float64).
+
+    FedAvg aggregation and the standard init are switched on, so every step has a closed form. Client 1
+    misses round 1 (its ``c_i`` is still zero in round 2); ``c`` divides by all three clients; the
+    correction ``c - c_i`` is added to the gradient before SGD's momentum or AdamW's moments.
+    """
+    ranks, sampling, lr, steps = [2, 3, 4], [[0, 2], [0, 1, 2]], 0.05, 3
+    pretrained, backbone, fed, data, test = tiny(ranks)
+    algo = Recording(fed, ILoRASConfig(init="standard", aggregate="fedavg", cv_estimator=estimator))
+    init = {**{f"lora_A/{n}": a.clone() for n, a in algo.A.items()},
+            **{f"lora_B/{n}": b.clone() for n, b in algo.B.items()},
+            **{f"head/{n}": h.clone() for n, h in fed.head_init.items()}}
+    cfg = RunConfig(rounds=2, local_steps=steps, batch_size=64, optimizer=optimizer, lr=lr, momentum=0.9,
+                    weight_decay=0.0, progress=False)  # one batch per step: the whole client
+    Simulation(algo, backbone, data, test, cfg, sampling=sampling, seed=0).run()
+
+    model, c, corrections = hand_scaffold(pretrained, init, ranks, data, sampling, estimator, optimizer, lr, steps)
+    got = {**{f"lora_A/{n}": a for n, a in algo.A.items()}, **{f"lora_B/{n}": b for n, b in algo.B.items()},
+           **{f"head/{n}": h for n, h in algo.head.items()}}
+    tol = dict(rtol=0, atol=1e-12)
+    for k in model:
+        torch.testing.assert_close(got[k], model[k], **tol, msg=lambda m, k=k: f"global {k}: {m}")
+        torch.testing.assert_close(algo.control_variates.c[k], c[k], **tol, msg=lambda m, k=k: f"c {k}: {m}")
+    for cid, correction in corrections.items():
+        for k, t in correction.items():
+            torch.testing.assert_close(algo.corr[cid][k], t, **tol, msg=lambda m, k=k, cid=cid: f"c - c_{cid} {k}: {m}")
+    assert max(float(t.abs().max()) for t in corrections[1].values()) > 1e-4  # client 1: c - 0
+    # the test has teeth: the correction with the other sign ends far outside the tolerance
+    flipped, _, _ = hand_scaffold(pretrained, init, ranks, data, sampling, estimator, optimizer, lr, steps, sign=-1.0)
+    assert max(float((flipped[k] - model[k]).abs().max()) for k in model) > 1e-5
 
 
 @pytest.mark.parametrize("method", ["ilora", "ilora_s"])
