@@ -30,14 +30,15 @@ test: $(STAMP)
 # The drills: every command of README.md and docs/*.md runs at smoke size (tests/test_docs_commands.py),
 # a Flower deployment loses a SuperNode to kill -9 and resumes to the same record (tests/test_flower_deployment.py),
 # a Ray sweep loses a worker node to kill -9 mid-run and still ends with the local pool's tables
-# (tests/test_ray_sweep.py), and a smoke sweep killed with -9 at five points and rerun gives byte-identical
-# tables and plots (scripts/kill-drill.sh). The bad-input drill is part of `make test` (tests/test_drill.py).
+# (tests/test_ray_sweep.py), and a smoke sweep killed with -9 at five points placed by its progress (during round 2
+# and round 3 of a run, mid-record-write, between runs, during the report) and rerun gives byte-identical tables and
+# plots (scripts/kill_drill.py). The bad-input drill is part of `make test` (tests/test_drill.py).
 drill: $(STAMP)
 	$(PY) -m pytest -m docs tests/test_docs_commands.py
 	$(PY) -m pytest -m drill tests/test_flower_deployment.py
 	$(PY) -m pytest -m drill tests/test_ray_sweep.py
 	$(PY) -m pytest -m drill tests/test_interrupt.py tests/test_flower.py
-	./scripts/kill-drill.sh
+	$(PY) scripts/kill_drill.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ilora baselines tests benchmarks

@@ -2,8 +2,9 @@
 
 Two sweeps (or a sweep and an ``ilora run``) on the same out dir would otherwise both train every pending
 run. The lock is ``<run_dir>/run.lock``, created atomically (``O_EXCL``) with the holder's host, process
-id and start time. A lock whose process no longer exists on this host is stale (a killed run): it is
-moved aside atomically, so that of two processes finding it only one takes it over.
+id and start time. A lock whose process no longer exists on this host, or has exited and awaits reaping
+(a zombie: a killed sweep's worker), is stale: it is moved aside atomically, so that of two processes finding it
+only one takes it over. So is a lock left empty by a process killed between creating and writing it.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 LOCK_NAME = "run.lock"
+TORN_AFTER_S = 10.0  # an unreadable lock this old was left by a process killed while writing it
 _created: dict[Path, list[Path]] = {}  # lock -> the directories acquire() created for it, innermost first
 
 
@@ -35,8 +38,17 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+        pass
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited and waits to be reaped (its parent was killed, say): it holds nothing."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc here, or gone meanwhile
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 def _read(path: Path) -> dict | None:
@@ -60,6 +72,14 @@ def _create(path: Path) -> bool:
     return True
 
 
+def _torn(path: Path) -> bool:
+    """An unreadable lock that is too old to be being written: its writer was killed."""
+    try:
+        return time.time() - path.stat().st_mtime > TORN_AFTER_S
+    except FileNotFoundError:
+        return False
+
+
 def acquire(run_dir: Path) -> Path:
     """Take ``run_dir``'s lock, taking over a stale one; ``RunLocked`` if a live process holds it.
 
@@ -73,10 +93,11 @@ def acquire(run_dir: Path) -> Path:
         if _create(path):
             return path
         holder = _read(path)
-        if holder is None:  # being written right now, or damaged: look again
-            continue
-        same_host = holder.get("host") == socket.gethostname()
-        if not same_host or _alive(int(holder.get("pid", -1))):
+        if holder is None:  # being written right now (look again), or torn by a kill (stale)
+            if not _torn(path):
+                time.sleep(0.1)
+                continue
+        elif holder.get("host") != socket.gethostname() or _alive(int(holder.get("pid", -1))):
             raise RunLocked(path, holder)
         stale = path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
         try:

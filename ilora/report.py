@@ -512,13 +512,19 @@ def _figure(n: int) -> tuple[Any, list[Any]]:
 
 
 def _save(fig: Any, path: Path) -> list[Path]:
+    """``path`` as PNG and PDF, each through a temporary file and a rename (a killed report leaves no torn plot)."""
+    import os
+
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     out = [path.with_suffix(".png"), path.with_suffix(".pdf")]
-    fig.savefig(out[0], dpi=120, bbox_inches="tight")  # the legend sits right of the panels
-    fig.savefig(out[1], bbox_inches="tight", metadata={"CreationDate": None})  # no timestamp: same file
+    options = [{"dpi": 120}, {"metadata": {"CreationDate": None}}]  # the PDF without a timestamp: the same file
+    for target, extra in zip(out, options):
+        tmp = target.with_name(f".{target.name}.tmp")
+        fig.savefig(tmp, format=target.suffix[1:], bbox_inches="tight", **extra)  # the legend sits right of the panels
+        os.replace(tmp, target)
     plt.close(fig)
     return out
 

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -117,6 +118,16 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def drill_pause(point: str) -> None:
+    """A test hook for the kill drill (scripts/kill_drill.py), which widens a moment so that a kill -9 lands in
+    it: ``ILORA_DRILL_PAUSE="run:2,record:2"`` sleeps 2 s before each run of a sweep and 2 s between a record's
+    ``metrics.csv`` and its ``result.json``. Unset (always, outside the drill): nothing."""
+    for item in filter(None, os.environ.get("ILORA_DRILL_PAUSE", "").split(",")):
+        name, _, seconds = item.partition(":")
+        if name.strip() == point:
+            time.sleep(float(seconds))
 
 
 @dataclass
@@ -380,4 +391,5 @@ def write_record(run_dir: Path, record: dict[str, Any]) -> None:
         writer.writeheader()
         writer.writerows(record["rounds"])
     write_atomic(run_dir / "metrics.csv", buf.getvalue())
+    drill_pause("record")
     write_atomic(run_dir / "result.json", json.dumps(record, indent=2, default=str))

@@ -63,8 +63,9 @@ def _failure_record(cfg: RunConfig, run_id: str, exc: BaseException, started: st
 def _execute(runner: Runner, cfg: RunConfig, run_id: str) -> tuple[str, dict[str, Any], float]:
     """Run one config; any exception becomes a ``failed`` record so that the sweep goes on."""
     from ilora.locks import RunLocked, run_lock
-    from ilora.runner import write_record
+    from ilora.runner import drill_pause, write_record
 
+    drill_pause("run")  # the kill drill's moment between runs: the last record is written, this run not begun
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     run_dir = Path(cfg.out_dir) / run_id

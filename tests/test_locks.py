@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,35 @@ def test_a_sweep_skips_a_run_another_process_is_training_and_says_so(tmp_path, c
     assert summary.locked and summary.locked[0][0] == runs[0].run_id
     assert "skipped: training in another process" in summary.line()
     assert any(line.startswith("[  locked]") and f"process {sleeper.pid}" in line for line in lines)
+
+
+def test_a_lock_held_by_a_zombie_is_taken_over(tmp_path):
+    """A killed sweep's worker that has exited but is not yet reaped (a zombie) holds nothing."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.05)
+        _foreign_lock(tmp_path / "run", child.pid)  # exited, not yet reaped: os.kill(pid, 0) still succeeds
+        with run_lock(tmp_path / "run") as path:
+            assert json.loads(path.read_text())["pid"] == os.getpid()
+    finally:
+        child.wait()
+
+
+def test_a_lock_left_empty_by_a_killed_writer_is_taken_over_once_old(tmp_path, monkeypatch):
+    """A process killed between creating its lock and writing it leaves an empty file: young, it may still be
+    being written (the run is left alone); old, it is stale."""
+    import ilora.locks
+
+    monkeypatch.setattr(ilora.locks, "TORN_AFTER_S", 5.0)
+    path = tmp_path / "run" / LOCK_NAME
+    path.parent.mkdir()
+    path.write_text("")
+    with pytest.raises(RunLocked):
+        acquire(tmp_path / "run")
+    os.utime(path, (time.time() - 60, time.time() - 60))
+    with run_lock(tmp_path / "run") as taken:
+        assert json.loads(taken.read_text())["pid"] == os.getpid()
+

@@ -366,3 +366,17 @@ def test_one_cell_by_name_is_the_sweeps_own_run(capsys):
         assert main(["run", "--benchmark", "vision_heterogeneous", "--preset", "cpu", *selectors]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+def test_drill_pause_sleeps_only_at_the_points_named(monkeypatch):
+    from ilora.runner import drill_pause
+
+    slept = []
+    monkeypatch.setattr("ilora.runner.time.sleep", slept.append)
+    monkeypatch.setenv("ILORA_DRILL_PAUSE", "run:1.5, record:0.25")
+    drill_pause("run")
+    drill_pause("record")
+    drill_pause("report")
+    monkeypatch.delenv("ILORA_DRILL_PAUSE")
+    drill_pause("run")
+    assert slept == [1.5, 0.25]
