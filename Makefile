@@ -32,13 +32,16 @@ test: $(STAMP)
 # a Ray sweep loses a worker node to kill -9 mid-run and still ends with the local pool's tables
 # (tests/test_ray_sweep.py), and a smoke sweep killed with -9 at five points placed by its progress (during round 2
 # and round 3 of a run, mid-record-write, between runs, during the report) and rerun gives byte-identical tables and
-# plots (scripts/kill_drill.py). The bad-input drill is part of `make test` (tests/test_drill.py).
+# plots (scripts/kill_drill.py); Ctrl-C on a pool sweep says how to resume and leaks nothing (tests/test_interrupt.py),
+# a Flower run prints its own lines only (tests/test_flower.py), and the input fuzz draws 2,000 examples per
+# property (tests/test_fuzz.py; 60 in `make test`). The bad-input drill is part of `make test` (tests/test_drill.py).
 drill: $(STAMP)
 	$(PY) -m pytest -m docs tests/test_docs_commands.py
 	$(PY) -m pytest -m drill tests/test_flower_deployment.py
 	$(PY) -m pytest -m drill tests/test_ray_sweep.py
 	$(PY) -m pytest -m drill tests/test_interrupt.py tests/test_flower.py
 	$(PY) scripts/kill_drill.py
+	ILORA_FUZZ_EXAMPLES=2000 $(PY) -m pytest tests/test_fuzz.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ilora baselines tests benchmarks

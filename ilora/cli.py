@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -458,8 +459,18 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``error: ...``, exit 2), for every subcommand too."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        print(f"error: {one_line(message)} (see: {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+# Errors of a path's shape, not of the machine: a name too long, a file where a directory is expected, ...
+BAD_PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP, errno.EINVAL, errno.EISDIR})
+
+
+def one_line(message: object) -> str:
+    """``message`` as one printable line: a user's input echoed in it may hold line breaks or control
+    characters (a newline, U+0085, U+2028, ...), which are shown escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(message))
 
 
 # The positional list of each command that takes ``key=value`` overrides (they may also come after options).
@@ -525,11 +536,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except RunInterrupted as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        if exc.errno not in BAD_PATH_ERRNOS:
+            raise
+        print(f"error: {one_line(exc.filename)}: {exc.strerror} (a path given on the command line)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume (finished runs are kept; an unfinished run goes on "
               "from its last round's checkpoint)", file=sys.stderr)

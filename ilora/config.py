@@ -116,9 +116,13 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (valid keys: {', '.join(PUBLIC_KEYS)})")
+        key, value = item.split("=", 1)
+        if "${" in value:  # OmegaConf would resolve it: another key's value, or the environment (oc.env)
+            raise ConfigError(f"override {key.strip()!r}: ${{...}} interpolations are not accepted in overrides "
+                              "(give the value itself)")
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError) as exc:
         raise ConfigError(f"cannot parse overrides: {exc}".splitlines()[0]) from None
 
 
@@ -134,6 +138,17 @@ def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
         key = getattr(exc, "full_key", None) or "?"
         raise ConfigError(f"invalid value for {key!r} in {source}: {exc.msg if hasattr(exc, 'msg') else exc}"
                           .splitlines()[0]) from None
+    except (TypeError, ValueError) as exc:  # e.g. a mapping given where the key holds a list
+        key = next((k for k in layer if not _merges(base, layer, k)), "?")
+        raise ConfigError(f"invalid value for {key!r} in {source}: {exc}".splitlines()[0]) from None
+
+
+def _merges(base: DictConfig, layer: DictConfig, key: Any) -> bool:
+    try:
+        OmegaConf.merge(base, {key: layer[key]})
+        return True
+    except Exception:
+        return False
 
 
 def resolve_config(overrides: list[str] | None = None, config_root: Path | None = None) -> RunConfig:
@@ -141,6 +156,8 @@ def resolve_config(overrides: list[str] | None = None, config_root: Path | None 
     root = config_root or CONFIG_ROOT
     cli = _parse_overrides(list(overrides or []))
     config_file = cli.pop("config", None)
+    if config_file is not None and not isinstance(config_file, str):
+        raise ConfigError(f"config must be the path of a YAML file, got {config_file!r}")
     file_layer = _read_yaml(Path(config_file), "config") if config_file else OmegaConf.create({})
 
     cfg = OmegaConf.structured(RunConfig)
@@ -164,7 +181,11 @@ def resolve_config(overrides: list[str] | None = None, config_root: Path | None 
     cfg = _merge(cfg, preset_layer, f"configs/preset/{preset}.yaml")
     cfg = _merge(cfg, file_layer, str(config_file))
     cfg = _merge(cfg, cli, "the command line")
-    run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    try:
+        run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:  # e.g. "???" (a missing mandatory value)
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"invalid value for {key!r}: {getattr(exc, 'msg', exc)}".splitlines()[0]) from None
     run.ranks = expand_ranks(list(run.ranks), run.num_clients)
     if run.out_dir is None:
         run.out_dir = str(Path("runs") / run.preset)
@@ -290,8 +311,11 @@ def check_writable_dir(key: str, path: str) -> None:
     """``path`` is, or can be created as, a directory this process may write to (nothing is created here)."""
     target = Path(path).expanduser()
     probe = target
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    try:
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise ConfigError(f"{key} {path!r} is not a usable path: {exc.strerror}") from None
     if probe.exists() and not probe.is_dir():
         raise ConfigError(f"{key} {path!r} is not a directory ({probe} is a file)")
     if not os.access(probe, os.W_OK | os.X_OK):
