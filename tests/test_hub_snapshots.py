@@ -1,5 +1,5 @@
-"""Incomplete Hugging Face snapshots of the paper's models end in one line before any work. Every cache
-here is simulated: tiny files under ``tmp_path``."""
+"""Incomplete Hugging Face snapshots of the paper's models end in one line before any work; the paper
+preset runs the paper's checkpoints. Every cache here is simulated: tiny files under ``tmp_path``."""
 
 from __future__ import annotations
 
@@ -184,3 +184,27 @@ def test_every_hub_model_is_checked_before_any_work(hub_cache: Path):
             continue
         with pytest.raises(DataUnavailable, match=f"hf download {HUB_REPOS[name]}"):
             check_model_files(name)
+
+
+# ----------------------------------------------------------------------------- the paper preset's checkpoints
+
+
+def test_paper_preset_runs_the_authors_checkpoints():
+    from ilora.benchmark import available_benchmarks, resolve_benchmarks
+
+    models: set[str] = set()
+    for bench in resolve_benchmarks(available_benchmarks()):
+        if not bench.runs_at("paper"):
+            continue
+        chosen = {bench.base("paper").get("model")}  # the model of every cell: the base's or an axis value's
+        for axis in bench.axes("paper"):
+            chosen |= {values["model"] for values in axis.values.values() if "model" in values}
+        chosen.discard(None)
+        assert chosen, f"{bench.name}: its paper grid names no model"
+        models |= chosen
+        for known in bench.known_for("paper"):
+            assert known["cell"].get("model", next(iter(chosen))) in chosen, (bench.name, known)
+    assert models == {"hf_vit_base", "hf_swin_base", "roberta_base"}
+    assert HUB_REPOS["hf_vit_base"] == "google/vit-base-patch16-224"
+    assert HUB_REPOS["hf_swin_base"] == "microsoft/swin-base-patch4-window7-224"
+    assert "vit_base" in available_models()  # timm's AugReg2 ViT stays a model one can name

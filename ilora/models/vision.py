@@ -177,7 +177,10 @@ def _snapshot_check(name: str) -> Callable[[], Path]:
 @register_model("vit_base", kind="image", offline=False, check=_weights_check("vit_base"),
                 limits=ModelLimits(max_rank=768, image_multiple=16, min_image_size=16, why_image="its patch size"))
 def vit_base(options: ModelOptions) -> Backbone:
-    """timm ``vit_base_patch16_224`` (ImageNet-21k -> 1k); any ``image_size`` divisible by 16."""
+    """timm ``vit_base_patch16_224`` (AugReg2, ImageNet-21k -> 1k); any ``image_size`` divisible by 16.
+
+    Not the paper's checkpoint: the authors load ``google/vit-base-patch16-224`` (``hf_vit_base``).
+    """
     size = options.image_size or 224
     if size % 16:
         raise ConfigError(f"image_size {size} is not a multiple of 16, the patch size of vit_base")
@@ -187,7 +190,7 @@ def vit_base(options: ModelOptions) -> Backbone:
 @register_model("swin_base", kind="image", offline=False, check=_weights_check("swin_base"),
                 limits=ModelLimits(max_rank=128, image_sizes=(224,)))
 def swin_base(options: ModelOptions) -> Backbone:
-    """timm ``swin_base_patch4_window7_224`` (ImageNet-22k -> 1k), 224 px."""
+    """timm ``swin_base_patch4_window7_224`` (ImageNet-22k -> 1k), 224 px; the paper's is ``hf_swin_base``."""
     size = _fixed_size("swin_base", options, 224)
     return _timm_backbone("swin_base", "swin_base_patch4_window7_224", options, size)
 
