@@ -216,6 +216,38 @@ def test_missing_paper_dataset_says_where_and_how(capsys):
     assert "Traceback" not in err_out and err_out.count("\n") == 1
 
 
+def legacy_cache(name: str, legacy: str, root: Path) -> None:
+    """Cache ``name``'s fixture the way ``load_dataset(legacy, config)`` did: under ``<datasets cache>/<legacy>/``."""
+    import datasets
+
+    folder = write_fixture(name, root, "parquet").rename(root / legacy)
+    datasets.load_dataset(str(folder), HUB_SOURCES[name].config)  # a local copy named like the legacy id
+    assert (Path(datasets.config.HF_DATASETS_CACHE) / legacy).is_dir()
+
+
+@pytest.mark.parametrize("name, legacy", [("qqp", "glue"), ("dbpedia14", "dbpedia_14"), ("cifar10", "cifar10")])
+def test_dataset_cached_under_its_legacy_id_is_found(name: str, legacy: str, isolated_caches: Path, capsys):
+    legacy_cache(name, legacy, isolated_caches / "src")
+    _, raw = hub_fixture(name)
+    source = HUB_SOURCES[name]
+    data = load_dataset(name)  # offline: nothing under the current id
+    np.testing.assert_array_equal(data.train.labels, raw[source.train][source.label])
+    assert len(data.test) == len(raw[source.test][source.label])
+    assert f"under its legacy id {legacy!r}" in capsys.readouterr().err
+    assert source.legacy == legacy
+
+
+def test_missing_dataset_names_both_ids(isolated_caches: Path):
+    legacy_cache("sst2", "glue", isolated_caches / "src")  # glue is cached, but only its sst2 config
+    with pytest.raises(DataUnavailable) as err:
+        load_dataset("qqp")
+    msg = str(err.value)
+    assert "\n" not in msg and "'nyu-mll/glue' config 'qqp'" in msg and "legacy id 'glue'" in msg
+    assert "Available configs" not in msg and "ilora data prepare qqp" in msg
+    with pytest.raises(DataUnavailable, match="'stanfordnlp/imdb' config 'plain_text' and under its legacy id 'imdb'"):
+        load_dataset("imdb")  # nothing under either id
+
+
 def test_missing_data_dir_and_offline_prepare(tmp_path: Path, capsys):
     pattern = r"no such directory.*data_dir .*nowhere.*ilora data prepare qqp"
     with pytest.raises(DataUnavailable, match=pattern):
