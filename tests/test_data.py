@@ -171,7 +171,7 @@ def test_paper_loader_reads_hub_format(name: str, layout: str, tmp_path: Path):
         assert text == list(zip(train_raw[a], train_raw[b]))
         assert data.test.inputs[0] == (f"validation {a} 0 words", f"validation {b} 0 words")
     elif name == "dbpedia14":
-        assert text[1] == "Title 1. Content of train 1."
+        assert text[1] == "Title 1 Content of train 1."  # title and content joined by a space, as the authors
     elif name == "yahoo_answers":
         assert text[0] == "why 0? because 0" and text[1] == "why 1? details 1 because 1"
     else:

@@ -21,7 +21,8 @@ Conventions of the returned ``Split.inputs``:
   Hugging Face tokenizer called on a list of such tuples encodes them as pairs with its own separator
   (``[SEP]`` for BERT/MiniLM, ``</s></s>`` for RoBERTa), so ``tokenize_fn`` needs no change.
 - DBpedia-14 and Yahoo Answers are stratified subsamples (50k/10k and 100k/10k) fixed by ``split_seed``;
-  DBpedia's text is ``title. content``, Yahoo's is ``title content best_answer`` joined by spaces.
+  DBpedia's text is ``title content`` and Yahoo's ``title content best_answer``, joined by spaces (as the
+  authors' script joins them).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _pairs(a: str, b: str) -> TextFn:
 
 
 def _dbpedia(batch: dict[str, list[Any]]) -> list[str]:
-    return [f"{t.strip()}. {c.strip()}" for t, c in zip(batch["title"], batch["content"])]
+    return [" ".join(p.strip() for p in row if p and p.strip()) for row in zip(batch["title"], batch["content"])]
 
 
 def _yahoo(batch: dict[str, list[Any]]) -> list[str]:
