@@ -396,6 +396,22 @@ def test_preprocessing_cache_hits_on_second_call(isolated_caches: Path, monkeypa
     assert len(calls) == 4
 
 
+def test_preprocessing_key_follows_the_loaders_code():
+    """Editing how a loader builds its inputs (e.g. DBpedia's title/content join) must not reuse old encodings."""
+    import hashlib
+    from types import SimpleNamespace
+
+    import ilora.data.hub as hub_module
+    from ilora.data.cache import preprocessing_key
+
+    available_datasets()  # the built-in loaders are registered
+    fields = dict(max_train_samples=None, max_test_samples=None, split_seed=0, data_dir=None, model="m",
+                  max_length=8, image_size=None)
+    key = preprocessing_key(SimpleNamespace(dataset="dbpedia14", **fields), "train")
+    assert key["loader"] == hashlib.sha256(Path(hub_module.__file__).read_bytes()).hexdigest()[:16]
+    assert preprocessing_key(SimpleNamespace(dataset="digits", **fields), "train")["loader"] != key["loader"]
+
+
 @pytest.mark.slow
 def test_runner_setup_reuses_cached_encoding(isolated_caches: Path, monkeypatch: pytest.MonkeyPatch):
     import ilora.data.partition as partition_module
