@@ -31,7 +31,7 @@ from ilora.data import DataOptions, load_dataset
 from ilora.data.cache import cached_encode, preprocessing_key
 from ilora.data.partition import PartitionSpec, cached_partition
 from ilora.errors import RunInterrupted, UserError
-from ilora.models import Backbone, ModelOptions, build_model, dataset_model_check
+from ilora.models import Backbone, ModelOptions, build_model, check_model_files, dataset_model_check
 from ilora.simulation import RoundRecord, Simulation, client_sampling_stream
 
 
@@ -268,6 +268,8 @@ def build_parts(cfg: RunConfig) -> RunParts:
     """Load the data, partition it and build the backbone for ``cfg`` (seeded: the same in every process)."""
     device = resolve_device(cfg.device)
     seeds = derive_seeds(cfg.seed)
+    dataset_model_check(cfg.dataset, cfg.model)
+    check_model_files(cfg.model)  # a missing weight or tokenizer file is found before the data is read
     data, spec, parts = build_partition(cfg)
     backbone = build_model(
         cfg.model,

@@ -171,7 +171,7 @@ def test_paper_loader_reads_hub_format(name: str, layout: str, tmp_path: Path):
         assert text == list(zip(train_raw[a], train_raw[b]))
         assert data.test.inputs[0] == (f"validation {a} 0 words", f"validation {b} 0 words")
     elif name == "dbpedia14":
-        assert text[1] == "Title 1. Content of train 1."
+        assert text[1] == "Title 1 Content of train 1."  # title and content joined by a space, as the authors
     elif name == "yahoo_answers":
         assert text[0] == "why 0? because 0" and text[1] == "why 1? details 1 because 1"
     else:
@@ -214,6 +214,38 @@ def test_missing_paper_dataset_says_where_and_how(capsys):
     err_out = capsys.readouterr().err
     assert err_out.startswith("error: dataset 'sst2'") and "ilora data prepare sst2" in err_out
     assert "Traceback" not in err_out and err_out.count("\n") == 1
+
+
+def legacy_cache(name: str, legacy: str, root: Path) -> None:
+    """Cache ``name``'s fixture the way ``load_dataset(legacy, config)`` did: under ``<datasets cache>/<legacy>/``."""
+    import datasets
+
+    folder = write_fixture(name, root, "parquet").rename(root / legacy)
+    datasets.load_dataset(str(folder), HUB_SOURCES[name].config)  # a local copy named like the legacy id
+    assert (Path(datasets.config.HF_DATASETS_CACHE) / legacy).is_dir()
+
+
+@pytest.mark.parametrize("name, legacy", [("qqp", "glue"), ("dbpedia14", "dbpedia_14"), ("cifar10", "cifar10")])
+def test_dataset_cached_under_its_legacy_id_is_found(name: str, legacy: str, isolated_caches: Path, capsys):
+    legacy_cache(name, legacy, isolated_caches / "src")
+    _, raw = hub_fixture(name)
+    source = HUB_SOURCES[name]
+    data = load_dataset(name)  # offline: nothing under the current id
+    np.testing.assert_array_equal(data.train.labels, raw[source.train][source.label])
+    assert len(data.test) == len(raw[source.test][source.label])
+    assert f"under its legacy id {legacy!r}" in capsys.readouterr().err
+    assert source.legacy == legacy
+
+
+def test_missing_dataset_names_both_ids(isolated_caches: Path):
+    legacy_cache("sst2", "glue", isolated_caches / "src")  # glue is cached, but only its sst2 config
+    with pytest.raises(DataUnavailable) as err:
+        load_dataset("qqp")
+    msg = str(err.value)
+    assert "\n" not in msg and "'nyu-mll/glue' config 'qqp'" in msg and "legacy id 'glue'" in msg
+    assert "Available configs" not in msg and "ilora data prepare qqp" in msg
+    with pytest.raises(DataUnavailable, match="'stanfordnlp/imdb' config 'plain_text' and under its legacy id 'imdb'"):
+        load_dataset("imdb")  # nothing under either id
 
 
 def test_missing_data_dir_and_offline_prepare(tmp_path: Path, capsys):
@@ -362,6 +394,22 @@ def test_preprocessing_cache_hits_on_second_call(isolated_caches: Path, monkeypa
     monkeypatch.setenv("ILORA_CACHE", "off")
     cached_encode(encode, split, key)
     assert len(calls) == 4
+
+
+def test_preprocessing_key_follows_the_loaders_code():
+    """Editing how a loader builds its inputs (e.g. DBpedia's title/content join) must not reuse old encodings."""
+    import hashlib
+    from types import SimpleNamespace
+
+    import ilora.data.hub as hub_module
+    from ilora.data.cache import preprocessing_key
+
+    available_datasets()  # the built-in loaders are registered
+    fields = dict(max_train_samples=None, max_test_samples=None, split_seed=0, data_dir=None, model="m",
+                  max_length=8, image_size=None)
+    key = preprocessing_key(SimpleNamespace(dataset="dbpedia14", **fields), "train")
+    assert key["loader"] == hashlib.sha256(Path(hub_module.__file__).read_bytes()).hexdigest()[:16]
+    assert preprocessing_key(SimpleNamespace(dataset="digits", **fields), "train")["loader"] != key["loader"]
 
 
 @pytest.mark.slow

@@ -92,9 +92,17 @@ def _code_fingerprint(fn: Callable[..., Any]) -> str:
 
 
 def preprocessing_key(cfg: Any, split: str) -> dict[str, Any]:
-    """What determines the encoded ``split`` of a run config (``RunConfig`` or anything with its fields)."""
+    """What determines the encoded ``split`` of a run config (``RunConfig`` or anything with its fields).
+
+    The dataset loader's code is part of it: editing how a loader builds its inputs (e.g. how DBpedia
+    joins title and content) invalidates the encodings made before.
+    """
+    from ilora.data.base import DATASETS
+
+    loader = DATASETS.get(cfg.dataset)
     return {
         "dataset": cfg.dataset,
+        "loader": _code_fingerprint(loader[0]) if loader else None,
         "split": split,
         "max_train_samples": cfg.max_train_samples,
         "max_test_samples": cfg.max_test_samples,

@@ -7,7 +7,9 @@ Where a loader looks, in order:
   copy of the hub repository (parquet files plus its ``README.md`` that declares configs and features).
 - otherwise ``datasets.load_dataset(repo, config)``: the Hugging Face cache (``HF_HOME`` /
   ``HF_DATASETS_CACHE``), downloading on a connected machine unless ``HF_HUB_OFFLINE`` /
-  ``HF_DATASETS_OFFLINE`` is set.
+  ``HF_DATASETS_OFFLINE`` is set; then, when that fails, the cache under the dataset's legacy id (the
+  name before the hub moved it into an organisation: ``load_dataset("glue", "qqp")`` caches under
+  ``glue/``, ``nyu-mll/glue`` under ``nyu-mll___glue/``).
 
 If neither has the data, ``DataUnavailable`` says which dataset, where it looked, and how to fetch it.
 
@@ -19,12 +21,14 @@ Conventions of the returned ``Split.inputs``:
   Hugging Face tokenizer called on a list of such tuples encodes them as pairs with its own separator
   (``[SEP]`` for BERT/MiniLM, ``</s></s>`` for RoBERTa), so ``tokenize_fn`` needs no change.
 - DBpedia-14 and Yahoo Answers are stratified subsamples (50k/10k and 100k/10k) fixed by ``split_seed``;
-  DBpedia's text is ``title. content``, Yahoo's is ``title content best_answer`` joined by spaces.
+  DBpedia's text is ``title content`` and Yahoo's ``title content best_answer``, joined by spaces (as the
+  authors' script joins them).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +57,7 @@ class HubSource:
     train_size: int | None = None  # stratified subsample of the train split (split_seed)
     test_size: int | None = None
     rgb: bool = True  # images: convert to RGB (False keeps grayscale N x H x W)
+    legacy: str | None = None  # the id before the hub moved it into an organisation (its cache folder differs)
 
 
 def _pairs(a: str, b: str) -> TextFn:
@@ -60,7 +65,7 @@ def _pairs(a: str, b: str) -> TextFn:
 
 
 def _dbpedia(batch: dict[str, list[Any]]) -> list[str]:
-    return [f"{t.strip()}. {c.strip()}" for t, c in zip(batch["title"], batch["content"])]
+    return [" ".join(p.strip() for p in row if p and p.strip()) for row in zip(batch["title"], batch["content"])]
 
 
 def _yahoo(batch: dict[str, list[Any]]) -> list[str]:
@@ -69,26 +74,30 @@ def _yahoo(batch: dict[str, list[Any]]) -> list[str]:
 
 
 HUB_SOURCES: dict[str, HubSource] = {
-    "cifar10": HubSource("uoft-cs/cifar10", "plain_text", "image", "train", "test", "label", ("img",)),
-    "cifar100": HubSource("uoft-cs/cifar100", "cifar100", "image", "train", "test", "fine_label", ("img",)),
+    "cifar10": HubSource("uoft-cs/cifar10", "plain_text", "image", "train", "test", "label", ("img",),
+                         legacy="cifar10"),
+    "cifar100": HubSource("uoft-cs/cifar100", "cifar100", "image", "train", "test", "fine_label", ("img",),
+                          legacy="cifar100"),
     "tiny_imagenet": HubSource("zh-plus/tiny-imagenet", None, "image", "train", "valid", "label", ("image",)),
     "qqp": HubSource("nyu-mll/glue", "qqp", "text", "train", "validation", "label",
-                     ("question1", "question2"), _pairs("question1", "question2")),
+                     ("question1", "question2"), _pairs("question1", "question2"), legacy="glue"),
     "qnli": HubSource("nyu-mll/glue", "qnli", "text", "train", "validation", "label",
-                      ("question", "sentence"), _pairs("question", "sentence")),
-    "sst2": HubSource("nyu-mll/glue", "sst2", "text", "train", "validation", "label", ("sentence",)),
-    "imdb": HubSource("stanfordnlp/imdb", "plain_text", "text", "train", "test", "label", ("text",)),
-    "ag_news": HubSource("fancyzhx/ag_news", None, "text", "train", "test", "label", ("text",)),
+                      ("question", "sentence"), _pairs("question", "sentence"), legacy="glue"),
+    "sst2": HubSource("nyu-mll/glue", "sst2", "text", "train", "validation", "label", ("sentence",),
+                      legacy="glue"),
+    "imdb": HubSource("stanfordnlp/imdb", "plain_text", "text", "train", "test", "label", ("text",), legacy="imdb"),
+    "ag_news": HubSource("fancyzhx/ag_news", None, "text", "train", "test", "label", ("text",), legacy="ag_news"),
     "dbpedia14": HubSource("fancyzhx/dbpedia_14", None, "text", "train", "test", "label",
-                           ("title", "content"), _dbpedia, train_size=50_000, test_size=10_000),
+                           ("title", "content"), _dbpedia, train_size=50_000, test_size=10_000, legacy="dbpedia_14"),
     "yahoo_answers": HubSource(
         "community-datasets/yahoo_answers_topics", "yahoo_answers_topics", "text", "train", "test", "topic",
         ("question_title", "question_content", "best_answer"), _yahoo, train_size=100_000, test_size=10_000,
+        legacy="yahoo_answers_topics",
     ),
 }
 # Fallback of the offline Fashion-MNIST loader when the Debian package is absent (grayscale kept).
 FASHION_MNIST = HubSource("zalando-datasets/fashion_mnist", None, "image", "train", "test", "label",
-                          ("image",), rgb=False)
+                          ("image",), rgb=False, legacy="fashion_mnist")
 
 
 def hf_cache_dirs() -> str:
@@ -147,10 +156,29 @@ def open_source(name: str, source: HubSource, data_dir: str | None, download: bo
                 f"{', config ' + repr(source.config) if source.config else ''}): {_first_line(exc)}"
                 + ("; HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set: unset it" if hf_offline() else "")
             ) from None
-        where = f"the Hugging Face cache ({hf_cache_dirs()}) for {source.repo!r}"
-        if source.config:
-            where += f" config {source.config!r}"
-        raise unavailable(name, where, "offline mode" if hf_offline() else _first_line(exc)) from None
+        reason = "offline mode" if hf_offline() else _first_line(exc)
+    where = f"the Hugging Face cache ({hf_cache_dirs()}) for {source.repo!r}"
+    if source.config:
+        where += f" config {source.config!r}"
+    if source.legacy and legacy_cache_dir(source.legacy).is_dir():
+        try:
+            dd = datasets.load_dataset(source.legacy, source.config)
+        except Exception as exc:  # cached under the legacy id, but not this config or unreadable
+            reason = f"{reason}; under its legacy id {source.legacy!r}: {_first_line(exc)}"
+        else:
+            print(f"dataset {name!r}: read from the Hugging Face cache under its legacy id {source.legacy!r}",
+                  file=sys.stderr)
+            return dd
+    if source.legacy:
+        where += f" and under its legacy id {source.legacy!r}"
+    raise unavailable(name, where, reason)
+
+
+def legacy_cache_dir(legacy: str) -> Path:
+    """Where ``datasets`` caches a dataset loaded by its legacy id (e.g. ``glue``)."""
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE).expanduser() / legacy
 
 
 def _labels(ds: Any, column: str) -> np.ndarray:

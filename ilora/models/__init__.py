@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ilora.errors import ConfigError
 from ilora.models.base import (  # noqa: F401  (re-exported)
+    MODEL_CHECKS,
     MODEL_LIMITS,
     MODELS,
     Backbone,
@@ -46,6 +47,14 @@ def model_limits(name: str) -> ModelLimits:
     """The sizes ``name`` accepts (``register_model(..., limits=...)``)."""
     model_kind(name)
     return MODEL_LIMITS[name]
+
+
+def check_model_files(name: str) -> None:
+    """The files ``name`` loads (cached weights, tokenizer) are there and fit: one-line ``UserError`` if not."""
+    model_kind(name)
+    check = MODEL_CHECKS.get(name)
+    if check is not None:
+        check()
 
 
 def build_model(name: str, options: ModelOptions) -> Backbone:

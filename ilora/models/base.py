@@ -99,13 +99,19 @@ class ModelLimits:
 
 
 MODEL_LIMITS: dict[str, ModelLimits] = {}
+# name -> a check of the files the backbone loads (weights, tokenizer), run before any work; raises UserError
+MODEL_CHECKS: dict[str, Callable[[], object]] = {}
 
 
-def register_model(name: str, kind: str, offline: bool,
-                   limits: ModelLimits | None = None) -> Callable[[Builder], Builder]:
+def register_model(name: str, kind: str, offline: bool, limits: ModelLimits | None = None,
+                   check: Callable[[], object] | None = None) -> Callable[[Builder], Builder]:
+    """Register a builder; ``check`` verifies the files it will load without loading the model."""
+
     def wrap(fn: Builder) -> Builder:
         MODELS[name] = (fn, kind, offline)
         MODEL_LIMITS[name] = limits or ModelLimits()
+        if check is not None:
+            MODEL_CHECKS[name] = check
         return fn
 
     return wrap

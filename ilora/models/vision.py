@@ -24,7 +24,8 @@ LoRA targets:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ from ilora.models.base import (
     register_model,
     seeded_linear,
 )
-from ilora.models.hub import HUB_REPOS, local_snapshot, local_weights_file
+from ilora.models.hub import HUB_REPOS, TRANSFORMERS_WEIGHTS, local_snapshot, local_weights_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -163,19 +164,33 @@ def _timm_backbone(name: str, arch: str, options: ModelOptions, size: int, **kwa
     return _image_backbone(name, model, layers, info["hub_id"], f"timm.create_model({arch!r}, num_classes=0)")
 
 
-@register_model("vit_base", kind="image", offline=False,
+def _weights_check(name: str) -> Callable[[], Path]:
+    """Before any work: the timm weights file of ``name`` is in the local cache."""
+    return lambda: local_weights_file(name, HUB_REPOS[name])
+
+
+def _snapshot_check(name: str) -> Callable[[], Path]:
+    """Before any work: the transformers snapshot of ``name`` has its config and weights."""
+    return lambda: local_snapshot(name, HUB_REPOS[name], config=True, weights=TRANSFORMERS_WEIGHTS)
+
+
+@register_model("vit_base", kind="image", offline=False, check=_weights_check("vit_base"),
                 limits=ModelLimits(max_rank=768, image_multiple=16, min_image_size=16, why_image="its patch size"))
 def vit_base(options: ModelOptions) -> Backbone:
-    """timm ``vit_base_patch16_224`` (ImageNet-21k -> 1k); any ``image_size`` divisible by 16."""
+    """timm ``vit_base_patch16_224`` (AugReg2, ImageNet-21k -> 1k); any ``image_size`` divisible by 16.
+
+    Not the paper's checkpoint: the authors load ``google/vit-base-patch16-224`` (``hf_vit_base``).
+    """
     size = options.image_size or 224
     if size % 16:
         raise ConfigError(f"image_size {size} is not a multiple of 16, the patch size of vit_base")
     return _timm_backbone("vit_base", "vit_base_patch16_224", options, size, img_size=size)
 
 
-@register_model("swin_base", kind="image", offline=False, limits=ModelLimits(max_rank=128, image_sizes=(224,)))
+@register_model("swin_base", kind="image", offline=False, check=_weights_check("swin_base"),
+                limits=ModelLimits(max_rank=128, image_sizes=(224,)))
 def swin_base(options: ModelOptions) -> Backbone:
-    """timm ``swin_base_patch4_window7_224`` (ImageNet-22k -> 1k), 224 px."""
+    """timm ``swin_base_patch4_window7_224`` (ImageNet-22k -> 1k), 224 px; the paper's is ``hf_swin_base``."""
     size = _fixed_size("swin_base", options, 224)
     return _timm_backbone("swin_base", "swin_base_patch4_window7_224", options, size)
 
@@ -207,7 +222,8 @@ def _hf_encoder(name: str, repo_id: str, options: ModelOptions, config_kwargs: d
 
     fixed_targets(name, options)
     if options.pretrained:
-        return AutoModel.from_pretrained(local_snapshot(name, repo_id), **model_kwargs)
+        folder = local_snapshot(name, repo_id, config=True, weights=TRANSFORMERS_WEIGHTS)
+        return AutoModel.from_pretrained(folder, **model_kwargs)
     return AutoModel.from_config(AutoConfig.for_model(**config_kwargs), **model_kwargs)
 
 
@@ -228,7 +244,8 @@ def qv_targets(model: nn.Module) -> list[str]:
     return ["query", "value"] if "query" in names else ["q_proj", "v_proj"]
 
 
-@register_model("hf_vit_base", kind="image", offline=False, limits=ModelLimits(max_rank=768, image_sizes=(224,)))
+@register_model("hf_vit_base", kind="image", offline=False, check=_snapshot_check("hf_vit_base"),
+                limits=ModelLimits(max_rank=768, image_sizes=(224,)))
 def hf_vit_base(options: ModelOptions) -> Backbone:
     """``google/vit-base-patch16-224`` through transformers (CLS token after the final layer norm)."""
     _fixed_size("hf_vit_base", options, 224)
@@ -237,7 +254,8 @@ def hf_vit_base(options: ModelOptions) -> Backbone:
     return _hf_backbone("hf_vit_base", HF_VIT, encoder, "cls", options, (0.5,) * 3, (0.5,) * 3)
 
 
-@register_model("hf_swin_base", kind="image", offline=False, limits=ModelLimits(max_rank=128, image_sizes=(224,)))
+@register_model("hf_swin_base", kind="image", offline=False, check=_snapshot_check("hf_swin_base"),
+                limits=ModelLimits(max_rank=128, image_sizes=(224,)))
 def hf_swin_base(options: ModelOptions) -> Backbone:
     """``microsoft/swin-base-patch4-window7-224`` through transformers (mean-pooled last stage)."""
     _fixed_size("hf_swin_base", options, 224)
