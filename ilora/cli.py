@@ -116,6 +116,11 @@ def _run_locked(cfg: Any, args: argparse.Namespace, path: str, existing: dict | 
     if cfg.preset in ("smoke", "quick"):
         print(f"({cfg.preset} preset: a first look that it runs, not a result; the cpu preset is the regime the "
               "tables use)", file=sys.stderr)
+    if not cfg.pretrained:
+        size = record.get("backbone_parameters")
+        print(f"(pretrained=false: a dry run of {cfg.model} at full size"
+              + (f" ({size:,} backbone parameters)" if size else "")
+              + " with random weights; it proves the path runs, it is not a result)", file=sys.stderr)
     if cfg.export != "none" and record["status"] == "ok":
         print(f"exported ({cfg.export}): {os.path.join(cfg.out_dir, run_id_for(cfg), 'export', cfg.export)}",
               file=sys.stderr)

@@ -60,6 +60,8 @@ class RunConfig:
     backbone_dropout: bool = True  # the pretrained network's own dropout active in local training (authors' code)
     rslora: bool = False
     lora_targets: str | None = None  # a backbone's choice of adapted layers (efficientnet_lite0); None: its default
+    # false: a dry run at full size: the real architecture with random weights, no cached files needed (not a result)
+    pretrained: bool = True
     # the method's own options, checked against its config dataclass (configs/method/<method>.yaml)
     method_args: dict[str, Any] = field(default_factory=dict)
     # data
@@ -391,7 +393,7 @@ _NOT_IDENTITY = {
 # Keys added after the committed records (results/records/) were made, each with the value every earlier run
 # had in effect: left out of a run's identity while they hold it, so that a new option never orphans the
 # committed records. Add a key here when you add it to RunConfig with a default that keeps today's behaviour.
-ADDED_KEYS: dict[str, Any] = {}
+ADDED_KEYS: dict[str, Any] = {"pretrained": True}
 
 
 def config_hash(cfg: RunConfig) -> str:

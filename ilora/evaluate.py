@@ -162,7 +162,8 @@ def evaluate_export(directory: Path) -> Score:
     data = load_dataset(cfg.dataset, DataOptions(cfg.split_seed, cfg.max_train_samples, cfg.max_test_samples,
                                                  cfg.data_dir))
     encoder = build_model(cfg.model, ModelOptions(num_classes=data.num_classes, max_length=cfg.max_length,
-                                                  image_size=cfg.image_size, lora_targets=cfg.lora_targets))
+                                                  image_size=cfg.image_size, lora_targets=cfg.lora_targets,
+                                                  pretrained=cfg.pretrained))
     features = load_export(directory, info, getattr(encoder.module, "preprocess", None))
     head = load_file(str(directory / "head.safetensors"))
     test = encoder.encode(data.test)

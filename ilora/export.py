@@ -308,6 +308,7 @@ def export_run(run_dir: Path, fmt: str = "peft", out: Path | None = None) -> lis
         num_classes=record["num_classes"], rank=max(cfg.ranks), lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
         rslora=cfg.rslora, max_length=cfg.max_length, image_size=cfg.image_size, lora_targets=cfg.lora_targets,
         seed=0,  # the head's initial values do not matter: the saved head replaces them
+        pretrained=cfg.pretrained,
     ))
     model = load_global_model(model_path)
     return export_model(backbone, model, fmt, Path(out) if out else default_export_dir(run_dir, fmt),

@@ -145,15 +145,22 @@ class RunParts:
 
     _train: dict[str, Tensor] | None = None
 
+    def encoded(self, split: str) -> dict[str, Tensor]:
+        """The encoded ``split`` ("train" or "test"); a dry run's (``pretrained=False``) is never cached: its
+        tokenizer may be a stand-in."""
+        data = getattr(self.data, split)
+        if not self.cfg.pretrained:
+            return self.backbone.encode(data)
+        return cached_encode(self.backbone.encode, data, preprocessing_key(self.cfg, split))
+
     def client_data(self, cid: int) -> dict[str, Tensor]:
         """Client ``cid``'s encoded training examples, on the device."""
         if self._train is None:
-            self._train = cached_encode(self.backbone.encode, self.data.train, preprocessing_key(self.cfg, "train"))
+            self._train = self.encoded("train")
         return {k: v[torch.from_numpy(self.parts[cid])].to(self.device) for k, v in self._train.items()}
 
     def test_data(self) -> dict[str, Tensor]:
-        test = cached_encode(self.backbone.encode, self.data.test, preprocessing_key(self.cfg, "test"))
-        return {k: v.to(self.device) for k, v in test.items()}
+        return {k: v.to(self.device) for k, v in self.encoded("test").items()}
 
     def algorithm(self) -> Algorithm:
         """A fresh algorithm object (on Flower also each client's replica: the same construction)."""
@@ -187,6 +194,8 @@ class RunParts:
             "num_test": len(self.data.test),
             "num_classes": self.data.num_classes,
             "chance_accuracy": chance_accuracy(self.data.test.labels),
+            "pretrained": self.cfg.pretrained,  # false: a dry run with random weights, not a result
+            "backbone_parameters": backbone_parameters(self.backbone),
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
             "processor": processor_name(),
             "method_options": dataclasses.asdict(algorithm.config),
@@ -209,6 +218,13 @@ def tensors_sha256(tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+def backbone_parameters(backbone: Backbone) -> int:
+    """Parameters of the frozen network: the module's, less the head's and the LoRA factors'."""
+    head = {id(p) for p in backbone.head.values()}
+    return sum(p.numel() for n, p in backbone.module.named_parameters()
+               if id(p) not in head and not n.rpartition(".")[2].startswith("lora_"))
+
+
 def chance_accuracy(labels: Any) -> float:
     """The accuracy of always guessing the test set's most frequent class."""
     counts = np.bincount(np.asarray(labels, dtype=np.int64))
@@ -222,7 +238,8 @@ def divergence(rounds: list[dict[str, Any]], num_classes: int | None, chance: fl
     A run diverged when a loss is not finite; when a round's mean training loss or test loss exceeds
     ``divergence_loss_factor`` times the larger of ``ln(classes)`` (a uniform guess: about where an
     untrained head starts) and the first round's test loss; or, with ``divergence_at_chance``, when it
-    ends no better than always guessing the most frequent test class (plus one point).
+    ends no better than always guessing the most frequent test class (plus one point; not for a dry run with
+    random weights, ``pretrained=False``, which is expected to).
     """
     if not rounds:
         return None
@@ -244,7 +261,7 @@ def divergence(rounds: list[dict[str, Any]], num_classes: int | None, chance: fl
                                     f"{name} {value:.3g} in round {r['round']} is above {bound:.3g} "
                                     f"({factor:g} x ln {num_classes}, a uniform guess's loss)")
     last = rounds[-1]
-    if cfg.divergence_at_chance and chance is not None and last["accuracy"] <= chance + 0.01:
+    if cfg.divergence_at_chance and cfg.pretrained and chance is not None and last["accuracy"] <= chance + 0.01:
         return last["round"], (f"accuracy {100 * last['accuracy']:.2f}% after round {last['round']} is at chance "
                                f"(the most frequent test class is {100 * chance:.2f}%)")
     return None
@@ -269,14 +286,14 @@ def build_parts(cfg: RunConfig) -> RunParts:
     device = resolve_device(cfg.device)
     seeds = derive_seeds(cfg.seed)
     dataset_model_check(cfg.dataset, cfg.model)
-    check_model_files(cfg.model)  # a missing weight or tokenizer file is found before the data is read
+    check_model_files(cfg.model, cfg.pretrained)  # missing files are found before the data is read
     data, spec, parts = build_partition(cfg)
     backbone = build_model(
         cfg.model,
         ModelOptions(
             num_classes=data.num_classes, rank=max(cfg.ranks), lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout, rslora=cfg.rslora, max_length=cfg.max_length,
-            image_size=cfg.image_size, lora_targets=cfg.lora_targets, seed=seeds["head"],
+            image_size=cfg.image_size, lora_targets=cfg.lora_targets, seed=seeds["head"], pretrained=cfg.pretrained,
         ),
     ).to(device)
     backbone.module.backbone_dropout = cfg.backbone_dropout

