@@ -28,7 +28,7 @@ CALLER_KEYS = frozenset({
     "preset", "method", "dataset", "model", "num_clients", "participation", "ranks", "rounds", "partition",
     "dirichlet_alpha", "min_partition_size", "classes_per_client", "local_epochs", "local_steps", "batch_size",
     "eval_batch_size", "optimizer", "lr", "momentum", "weight_decay", "grad_clip", "divergence_loss_factor",
-    "divergence_at_chance", "lora_alpha", "lora_dropout", "backbone_dropout", "rslora", "lora_targets",
+    "divergence_at_chance", "lora_alpha", "lora_dropout", "backbone_dropout", "rslora", "lora_targets", "pretrained",
     "method_args", "max_length", "image_size", "max_train_samples", "max_test_samples", "split_seed", "seed",
     "flower_timeout", "flower_min_clients",
 })
