@@ -52,23 +52,29 @@ def test_stand_in_tokenizer_fits_the_model(capsys: pytest.CaptureFixture[str]) -
     assert bool((ids[mask == 0] == 1).all()) and batch["labels"].tolist() == [0, 1]
 
 
-# name -> (dataset, its backbone's parameter count: ViT-B/16, Swin-B and RoBERTa-base without their heads)
+# name -> (a paper dataset, as a fixture in the Hub's own format; its backbone's parameter count: ViT-B/16,
+# Swin-B and RoBERTa-base without their heads). Tiny-ImageNet's fixture holds grayscale images at 64 px, CIFAR-100's
+# RGB images at 32 px, QNLI's sentence pairs: the loaders and the resizing to 224 px are those of the paper runs.
 FULL_SIZE = {
-    "hf_vit_base": ("fashion_mnist", 85.8e6),
-    "hf_swin_base": ("fashion_mnist", 86.7e6),
-    "roberta_base": ("bbc_news", 124.6e6),
+    "hf_vit_base": ("tiny_imagenet", 85.8e6),
+    "hf_swin_base": ("cifar100", 86.7e6),
+    "roberta_base": ("qnli", 124.6e6),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", list(FULL_SIZE))
 def test_full_size_dry_run(model: str, tmp_path: Path, empty_hub_cache: Path) -> None:
-    """One round of two local steps at full size on CPU (batch 2, 224 px / 64 tokens), the paper preset's path."""
+    """One round of two local steps at full size on CPU (batch 2, 224 px / 64 tokens), the paper preset's path,
+    on a paper dataset in the Hub's format."""
+    from test_data import write_fixture
+
     dataset, size = FULL_SIZE[model]
+    data_dir = write_fixture(dataset, tmp_path, "disk")
     cfg = resolve_config([
         "preset=paper", f"model={model}", f"dataset={dataset}", "pretrained=false", "rounds=1", "local_steps=2",
-        "batch_size=2", "eval_batch_size=4", "max_length=64", "max_train_samples=30", "max_test_samples=4",
-        "partition=iid", "device=cpu", "progress=false", f"out_dir={tmp_path / 'runs'}",
+        "batch_size=2", "eval_batch_size=4", "max_length=64", "max_train_samples=9", "max_test_samples=4",
+        "partition=iid", "device=cpu", "progress=false", f"data_dir={data_dir}", f"out_dir={tmp_path / 'runs'}",
     ])
     record = run_experiment(cfg)
     assert record["status"] == "ok", record["error"]
