@@ -15,7 +15,8 @@
 
 Writes ``results/perf/gpu.md`` and ``results/perf/gpu.json`` (the step times ``ilora sweep --preset paper
 --plan`` reads). Exits 2 when no CUDA GPU is visible. ``--device cpu --tiny`` runs the same code on CPU at
-batch 2 for two steps and a one-run slice cut to one local step: a test of the script, not a measurement.
+batch 2 for two steps and a one-run slice cut to one local step: a test of the script, not a measurement
+(written to a scratch folder unless ``--out`` says where).
 
     .venv/bin/python benchmarks/perf/gpu_check.py [--steps 30] [--slice 4] [--jobs 4] [--out DIR]
 """
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(PAPER_MODELS), choices=list(PAPER_MODELS))
     parser.add_argument("--benchmarks", nargs="+", default=["all"],
                         help="the grids projected and sliced (default: all, as `ilora sweep all`)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of gpu.md and gpu.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder of gpu.md and gpu.json (default results/perf; with --tiny a scratch folder)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -193,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.steps, args.warmup, args.batch_size = 2, 1, 2
         args.slice, args.jobs = min(args.slice, 1), 1
+    if args.out is None:  # a test of the script never replaces the measured step times
+        args.out = Path(tempfile.mkdtemp(prefix="ilora-gpu-check-")) if args.tiny else RESULTS
 
     load = load_average()
     t_start = time.perf_counter()
