@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PRESET ?= cpu
 JOBS   ?= 2
 
-.PHONY: install test drill lint reproduce-tables reproduce-audit compare plots perf flower-local clean
+.PHONY: install test drill lint reproduce-tables reproduce-audit compare plots perf gpu-check flower-local clean
 
 install: $(STAMP)
 
@@ -80,6 +80,13 @@ perf: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/startup.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/kernels.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/perf/flower.py
+
+# On a machine with a CUDA GPU (benchmarks/perf/gpu_check.py, a few minutes): the paper's three models at full
+# size with random weights, a slice of the stand-in grid sharing the GPU, and the projected time of both grids;
+# writes results/perf/gpu.md and results/perf/gpu.json (the step times `ilora sweep all --preset paper --plan`
+# turns into GPU hours). Exits 2 without a GPU.
+gpu-check: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) benchmarks/perf/gpu_check.py
 
 # A Flower deployment on this machine (docs/flower.md): a SuperLink and one SuperNode per client as separate
 # processes on localhost (insecure mode), one run of the Flower App with FLOWER_ARGS through `flwr run`, then

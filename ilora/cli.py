@@ -245,7 +245,7 @@ def _check_preset(preset: str) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from ilora.benchmark import default_out_dir, expand, plan, resolve_benchmarks
-    from ilora.sweep import make_plan, run_sweep
+    from ilora.sweep import GPU_TIMES, make_plan, run_sweep
 
     _check_preset(args.preset)
     _check_run_options(args)
@@ -262,7 +262,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
           f"{_parallelism(args)}, records under {out}", file=sys.stderr)
     members = {b.name: [r.run_id for r in expand(b, args.preset, overrides, args.out_dir)] for b in benches}
     reasons = {b.name: b.presets.get(args.preset, {}).get("dropped") or "no grid" for b in benches}
-    for line in make_plan(runs, members, args.jobs or 1, args.retry_failed).lines(args.jobs or 1, reasons):
+    gpu_times = GPU_TIMES if args.preset == "paper" else None  # the paper grid's GPU hours
+    for line in make_plan(runs, members, args.jobs or 1, args.retry_failed, gpu_times).lines(args.jobs or 1, reasons):
         print(line, file=sys.stderr)
     if args.plan:
         return 0

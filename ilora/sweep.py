@@ -7,6 +7,8 @@ each pending run as a Ray task instead (ilora/ray_sweep.py, docs/ray.md), with t
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import sys
@@ -144,6 +146,7 @@ class Plan:
     expected_s: float | None  # wall seconds for the pending runs at ``jobs`` at a time; None: nothing to go on
     estimated: int  # pending runs whose time came from a finished record of the same kind
     processors: list[str]  # the processors those records were measured on
+    gpu: GpuEstimate | None = None  # the planned runs' GPU hours (the paper preset); None: not asked for
 
     def lines(self, jobs: int, reasons: dict[str, str] | None = None) -> list[str]:
         """The plan as printed; ``reasons``: why a benchmark runs nothing at this preset (its ``dropped``)."""
@@ -152,6 +155,8 @@ class Plan:
         for name, (planned, todo) in self.per_benchmark.items():
             why = f" (not run at this preset: {reasons[name]})" if not planned and name in reasons else ""
             out.append(f"  {name}: {planned} runs, {todo} to run{why}")
+        if self.gpu is not None and self.planned:
+            out.append(f"  {self.gpu.line()}")
         if not self.planned:
             out.append("  nothing to run: no benchmark has a grid at this preset (each line above says why)")
         elif not self.pending:
@@ -169,9 +174,11 @@ class Plan:
         return out
 
 
-def make_plan(runs: list[PlannedRun], members: dict[str, list[str]], jobs: int, retry_failed: bool = False) -> Plan:
+def make_plan(runs: list[PlannedRun], members: dict[str, list[str]], jobs: int, retry_failed: bool = False,
+              gpu_times: Path | None = None) -> Plan:
     """The sweep's plan; each pending run's time is the median wall time of finished records of its kind
-    (dataset, model, method; else dataset and model) among ``runs``."""
+    (dataset, model, method; else dataset and model) among ``runs``. ``gpu_times``: also the GPU hours of
+    all planned runs from the step times in that file (``make gpu-check`` writes it)."""
     import statistics
 
     todo = pending(runs, retry_failed)
@@ -199,7 +206,80 @@ def make_plan(runs: list[PlannedRun], members: dict[str, list[str]], jobs: int, 
             continue
         total += statistics.median(exact or near)
     per = {name: (len(ids), sum(1 for i in ids if i in todo_ids)) for name, ids in members.items()}
-    return Plan(per, len(runs), len(todo), total / max(1, jobs) if known else None, estimated, sorted(processors))
+    gpu = gpu_estimate(runs, gpu_times) if gpu_times is not None else None
+    return Plan(per, len(runs), len(todo), total / max(1, jobs) if known else None, estimated, sorted(processors), gpu)
+
+
+# ------------------------------------------------------------------------------------------- GPU hours
+# Where ``make gpu-check`` (benchmarks/perf/gpu_check.py) writes its measured step times.
+GPU_TIMES = Path(__file__).resolve().parents[1] / "results" / "perf" / "gpu.json"
+# Train-split sizes of the paper grid's datasets (the hub's train splits; dbpedia14 and yahoo_answers: the
+# suite's stratified subsample, ilora/data/hub.py), to count a planned run's training steps.
+TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "tiny_imagenet": 100_000, "qqp": 363_846, "qnli": 104_743,
+               "sst2": 67_349, "imdb": 25_000, "ag_news": 120_000, "dbpedia14": 50_000, "yahoo_answers": 100_000}
+
+
+def planned_steps(cfg: RunConfig) -> int | None:
+    """A run's optimiser steps, all clients and rounds together (None: its dataset's size is not known).
+
+    Per round each trained client makes ``local_steps`` steps, else ``local_epochs`` passes over its share of
+    the train split (an even share; one more step per client for its last, partial batch).
+    """
+    sizes = [n for n in (TRAIN_SIZES.get(cfg.dataset), cfg.max_train_samples) if n]
+    if not sizes:
+        return None
+    clients = max(1, round(cfg.num_clients * cfg.participation))
+    if cfg.local_steps:
+        per_round = clients * cfg.local_steps
+    else:
+        share = min(sizes) * clients / cfg.num_clients
+        per_round = cfg.local_epochs * (math.ceil(share / cfg.batch_size) + clients)
+    return cfg.rounds * per_round
+
+
+@dataclass
+class GpuEstimate:
+    """GPU hours of planned runs: each run's training steps times its model's measured step time."""
+
+    runs: int
+    steps: int
+    hours: float | None  # None: no measured step time (or none for some model or dataset)
+    gpu: str = ""
+    date: str = ""
+    missing: list[str] = field(default_factory=list)  # models without a step time, datasets without a size
+
+    def line(self) -> str:
+        if self.hours is None and not self.gpu:
+            return "GPU hours: unknown until `make gpu-check` has measured a step time on a GPU"
+        if self.hours is None:
+            return (f"GPU hours: unknown: results/perf/gpu.json ({self.gpu}) has nothing for "
+                    f"{', '.join(self.missing)}")
+        return (f"GPU hours: about {self.hours:.1f} h on one {self.gpu} for the {self.runs} planned runs "
+                f"({self.steps:,} training steps at the step times `make gpu-check` measured on {self.date}; "
+                f"evaluation passes not counted)")
+
+
+def gpu_estimate(runs: list[PlannedRun], path: Path = GPU_TIMES) -> GpuEstimate:
+    """The GPU hours of ``runs`` from ``path``'s step times (``{"models": {name: {"step_s", "batch_size"}}}``),
+    a step's time scaled linearly to the run's batch size."""
+    steps = [planned_steps(run.config) for run in runs]
+    total_steps = sum(s or 0 for s in steps)
+    try:
+        measured = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return GpuEstimate(len(runs), total_steps, None)
+    models = measured.get("models") or {}
+    seconds, missing = 0.0, set()
+    for run, n in zip(runs, steps):
+        cfg = run.config
+        step = models.get(cfg.model)
+        if step is None or n is None:
+            missing.add(f"model {cfg.model}" if step is None else f"dataset {cfg.dataset}")
+            continue
+        seconds += n * float(step["step_s"]) * cfg.batch_size / int(step["batch_size"])
+    hours = None if missing else seconds / 3600
+    return GpuEstimate(len(runs), total_steps, hours, str(measured.get("gpu") or "GPU"),
+                       str(measured.get("date") or "an unrecorded date"), sorted(missing))
 
 
 def pending(runs: list[PlannedRun], retry_failed: bool = False) -> list[PlannedRun]:
