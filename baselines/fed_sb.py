@@ -20,7 +20,7 @@ its fixed ``B`` and ``A`` (``r_i (d + k)``, once). The initialisation's gradient
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +58,7 @@ class FedSBConfig(MethodConfig):
 
 
 @register("fed_sb", display_name="Fed-SB", comm=r_squared, comm_text="r_i^2 up, r_i^2 down (+ r_i(d+k) once)",
-          groups=("extended",))
+          groups=("extended",), aggregation=("weighted_sum", "its aggregate is the weighted sum of the uploaded R"))
 class FedSB(Algorithm):
     """LoRA-SB's fixed ``B``, ``A`` from the first update's SVD; only ``R`` (``r x r``) is trained and averaged."""
 
@@ -113,6 +113,19 @@ class FedSB(Algorithm):
         r_max = self.fed.max_rank
         self.R = {n: weighted_sum((pad_square(R[n], r_max) for R in Rs), w) for n in self.fed.layers}
         self.average_head(uploads, weights)
+
+    @classmethod
+    def server_state_problem(cls, config: FedSBConfig) -> str | None:
+        return None
+
+    def server_state(self) -> dict[str, Tensor]:
+        """The averaged ``R`` (``B``, ``A`` are fixed after the initialisation) and the head."""
+        return {**{f"lora_R/{n}": m for n, m in self.R.items()}, **{f"head/{n}": h for n, h in self.head.items()}}
+
+    def load_server_state(self, state: Mapping[str, Tensor]) -> None:
+        for key, t in state.items():
+            kind, _, name = key.partition("/")
+            (self.R if kind == "lora_R" else self.head)[name] = t
 
     def eval_model(self) -> ClientModel:
         return ClientModel(A=self.A, B=self.B, head=self.head, scale=1.0, train_A=False, train_B=False, R=self.R)

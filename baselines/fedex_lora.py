@@ -57,7 +57,8 @@ class FedExLoRAConfig(AdapterConfig):
 
 
 @register("fedex_lora", display_name="FedEx-LoRA", comm=residual_download,
-          comm_text="r_i(d+k) up, r_i(d+k) + dk down (dense residual)", groups=("extended",))
+          comm_text="r_i(d+k) up, r_i(d+k) + dk down (dense residual)", groups=("extended",),
+          aggregation=("dense_products", "its residual needs sum p_i s_i B_i A_i, the dense sum of products"))
 class FedExLoRA(GlobalAdapterMethod):
     """FedIT's averages; the residual ``sum p_i s_i B_i A_i - s B_bar A_bar`` is merged into the frozen base."""
 
@@ -67,6 +68,11 @@ class FedExLoRA(GlobalAdapterMethod):
         super().__init__(fed, config)
         self.base_version = 0  # how many residuals have been merged into the base
         self.seen: dict[int, int] = {}  # client id -> the base version it has downloaded
+
+    @classmethod
+    def server_state_problem(cls, config: FedExLoRAConfig) -> str | None:
+        return ("its global model is the averaged adapter plus a dense residual merged into the base, and a step on "
+                "the factors alone would break the exact aggregation the residual restores")
 
     def download(self, cid: int) -> tuple[Message, ClientModel]:
         message, model = super().download(cid)

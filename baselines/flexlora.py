@@ -36,7 +36,8 @@ class FlexLoRAConfig(AdapterConfig):
 
 
 @register("flexlora", display_name="FlexLoRA", comm=both_factors_both_ways, comm_text="r_i(d+k) up, r_i(d+k) down",
-          groups=("extended",))
+          groups=("extended",),
+          aggregation=("dense_products", "its SVD is of sum p_i s_i B_i A_i, the dense sum of products"))
 class FlexLoRA(GlobalAdapterMethod):
     """SVD of ``sum p_i s_i B_i A_i``; each client gets the top-``r_i`` truncation (singular values in ``B``)."""
 
@@ -45,6 +46,11 @@ class FlexLoRA(GlobalAdapterMethod):
     def __init__(self, fed, config=None):
         super().__init__(fed, config)
         self.aggregated = False  # after the first aggregation: B = U S, A = V^T, scale 1 (rank up to sum r_i)
+
+    @classmethod
+    def server_state_problem(cls, config: FlexLoRAConfig) -> str | None:
+        return ("its global state is the SVD of the dense product sum, unique only up to signs and rotations, so "
+                "factor differences are not updates")
 
     def client_factors(self, cid: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         if not self.aggregated:

@@ -59,11 +59,17 @@ class FLoRAConfig(MethodConfig):
 
 
 @register("flora", display_name="FLoRA", comm=stacked_download,
-          comm_text="r_i(d+k) up, (sum_j r_j)(d+k) down (previous round's stack)", groups=("paper",))
+          comm_text="r_i(d+k) up, (sum_j r_j)(d+k) down (previous round's stack)", groups=("paper",),
+          aggregation=("individual", "it stacks every client's factors side by side, so each one is revealed"))
 class FLoRA(Algorithm):
     """Fresh LoRA per client per round; the server stacks and merges into float32 base weights."""
 
     Config = FLoRAConfig
+
+    @classmethod
+    def server_state_problem(cls, config: FLoRAConfig) -> str | None:
+        return ("its global model is the stack of every client's fresh adapter merged into the base weights, and "
+                "the adapters are drawn anew each round: no global factors persist")
 
     def __init__(self, fed, config=None):
         super().__init__(fed, config)

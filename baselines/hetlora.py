@@ -51,7 +51,9 @@ class HetLoRAConfig(MethodConfig):
 
 
 @register("hetlora", display_name="HetLoRA", comm=both_factors_both_ways,
-          comm_text="r(d+k) up, r(d+k) down (r: current rank, shrinks by self-pruning)", groups=("extended",))
+          comm_text="r(d+k) up, r(d+k) down (r: current rank, shrinks by self-pruning)", groups=("extended",),
+          aggregation=("data_weighted_sum", "its weights ||B_i A_i|| are computed from each upload, so one client's "
+                       "weight, and its influence, is unbounded"))
 class HetLoRA(GlobalAdapterMethod):
     """Zero-padded averages weighted by ``||B_i A_i||_F``; clients prune trailing ranks of their adapters."""
 

@@ -128,7 +128,8 @@ def cosine_correction(
 
 
 @register("lora_fair", display_name="LoRA-FAIR", comm=both_factors_both_ways, comm_text="r_i(d+k) up, r_i(d+k) down",
-          groups=("paper",))
+          groups=("paper",),
+          aggregation=("dense_products", "its correction fits sum p_i B_i A_i, the dense sum of products"))
 class LoRAFAIR(GlobalAdapterMethod):
     """FedIT's averages, then ``B <- B_bar + dB``; clients start from the corrected pair."""
 

@@ -80,7 +80,19 @@ class MethodInfo:
     groups: tuple[str, ...] = ()
     shares_head: bool = True
     personalised: bool = False
+    aggregation: tuple[str, str] = ("weighted_sum", "")  # (kind, why): see ``AGGREGATION_KINDS``
 
+
+# How a method's server combines the uploads, which decides what additive secure aggregation (the server
+# sees only sums) and client-level differential privacy can do with it (docs/privacy.md).
+AGGREGATION_KINDS = {
+    "weighted_sum": "as is: the server needs only weighted sums of the uploads",
+    "data_weighted_sum": "as is, with one more summed scalar: weights computed from each upload",
+    "dense_products": "sends more: the server needs the sum of the dense products s_i B_i A_i (d x k per layer)",
+    "individual": "cannot: the server needs each client's factors by themselves",
+}
+SECURE_AGGREGATION = {"weighted_sum": "as is", "data_weighted_sum": "as is (+ weights)",
+                      "dense_products": "sends dense d x k", "individual": "cannot"}
 
 _REGISTRY: dict[str, type[Algorithm]] = {}
 _DISCOVERED = False
@@ -95,15 +107,20 @@ def register(
     groups: Iterable[str] = (),
     shares_head: bool = True,
     personalised: bool = False,
+    aggregation: tuple[str, str] = ("weighted_sum", "its aggregate is a weighted sum of the uploads"),
 ) -> Callable[[type[Algorithm]], type[Algorithm]]:
     """Class decorator: make an algorithm available as ``method=<name>``, with its display name, its
-    communication formula (``comm``, and ``comm_text`` for people) and the method groups it belongs to."""
+    communication formula (``comm``, and ``comm_text`` for people), the method groups it belongs to, and how
+    its server combines the uploads (``aggregation``: a kind of ``AGGREGATION_KINDS`` and why)."""
+    if aggregation[0] not in AGGREGATION_KINDS:
+        raise ValueError(f"aggregation kind {aggregation[0]!r} of {name!r} (valid: {', '.join(AGGREGATION_KINDS)})")
 
     def wrap(cls: type[Algorithm]) -> type[Algorithm]:
         if name in _REGISTRY:
             raise ValueError(f"algorithm {name!r} is registered twice")
         cls.name = name
-        cls.info = MethodInfo(name, display_name, comm, comm_text, tuple(groups), shares_head, personalised)
+        cls.info = MethodInfo(name, display_name, comm, comm_text, tuple(groups), shares_head, personalised,
+                              aggregation)
         _REGISTRY[name] = cls
         return cls
 
@@ -464,6 +481,27 @@ class Algorithm:
     def client_eval_models(self) -> dict[int, ClientModel] | None:
         """Personalised methods: every client's own model, evaluated instead of ``eval_model``."""
         return None
+
+    # -- the global state, for the shared server-side mechanisms (ilora.server_update) ----------
+    @classmethod
+    def aggregation(cls, config: Any) -> tuple[str, str]:
+        """How this method, with these options, combines the uploads: (kind, why); see ``AGGREGATION_KINDS``."""
+        return cls.info.aggregation
+
+    @classmethod
+    def server_state_problem(cls, config: Any) -> str | None:
+        """Why this method, with these options, has no set of global tensors a server optimiser could step
+        (None: ``server_state`` gives them)."""
+        return "its global state is not a set of tensors the server averages"
+
+    def server_state(self) -> dict[str, Tensor]:
+        """The global tensors by flat name (``lora_A/<layer>``, ``lora_B/<layer>``, ``lora_R/<layer>``,
+        ``head/<parameter>``)."""
+        raise NotImplementedError(self.server_state_problem(self.config))
+
+    def load_server_state(self, state: Mapping[str, Tensor]) -> None:
+        """Replace the global tensors named in ``state``."""
+        raise NotImplementedError(self.server_state_problem(self.config))
 
     # -- shared pieces -------------------------------------------------------------------------
     def average_head(self, uploads: dict[int, Message], weights: dict[int, float]) -> None:

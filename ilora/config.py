@@ -50,6 +50,20 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     grad_clip: float | None = None
+    fedprox_mu: float = 0.0  # FedProx: mu/2 ||w - w_start||^2 over the tensors a client trains (0: off)
+    # the server's optimiser on the pseudo-gradient (aggregate - global state), docs/optimisers.md
+    server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadagrad | fedadam | fedyogi
+    server_lr: float | None = None  # None: 1 for fedavg / fedavgm, 0.01 for the adaptive ones
+    server_momentum: float = 0.9  # fedavgm
+    server_beta1: float = 0.9  # fedadagrad, fedadam, fedyogi
+    server_beta2: float = 0.99  # fedadam, fedyogi
+    server_tau: float = 1e-3  # the adaptive optimisers' epsilon (their v starts at tau^2)
+    # differential privacy, docs/privacy.md: none | client (DP-FedAvg) | sample (DP-SGD in local training)
+    dp: str = "none"
+    dp_clip: float = 1.0  # the clipping norm C: of a client's update (client) or of one example's gradient (sample)
+    dp_noise_multiplier: float | None = None  # sigma; None: solved from dp_epsilon and dp_delta
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
     # divergence: a run is recorded as diverged, not ok, when a loss exceeds this many times ln(classes) (the
     # loss of a uniform guess) or the first round's test loss, or (divergence_at_chance) it ends at chance
     divergence_loss_factor: float = 4.0
@@ -96,6 +110,8 @@ OPTIMIZERS = ("sgd", "adamw")
 WANDB_MODES = ("disabled", "offline", "online")
 ENGINES = ("inprocess", "flower")
 EXPORTS = ("none", "peft", "merged")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
+DP_LEVELS = ("none", "client", "sample")
 
 
 def available_presets() -> list[str]:
@@ -221,6 +237,8 @@ def validate(cfg: RunConfig) -> None:
     choose("wandb", cfg.wandb, WANDB_MODES)
     choose("engine", cfg.engine, ENGINES)
     choose("export", cfg.export, EXPORTS)
+    choose("server_optimizer", cfg.server_optimizer, SERVER_OPTIMIZERS)
+    choose("dp", cfg.dp, DP_LEVELS)
     if cfg.run_id is not None:
         check_name("run_id", cfg.run_id)  # <out_dir>/<run_id>/: it must not reach outside out_dir
     if cfg.num_clients < 1:
@@ -264,6 +282,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.weight_decay < 0 or (cfg.grad_clip is not None and cfg.grad_clip <= 0):
         raise ConfigError("weight_decay must be non-negative and grad_clip positive or null, "
                           f"got {cfg.weight_decay}, {cfg.grad_clip}")
+    check_federated_options(cfg)
     if cfg.max_length < 1:
         raise ConfigError(f"max_length must be at least 1 token, got {cfg.max_length}")
     if cfg.min_partition_size < 1 or cfg.classes_per_client < 1:
@@ -283,6 +302,55 @@ def validate(cfg: RunConfig) -> None:
     if cfg.wandb == "online":
         check_wandb_login()
     method_options(cfg)  # the method's own options must be valid too
+
+
+def check_federated_options(cfg: RunConfig) -> None:
+    """FedProx, the server optimiser and differential privacy: ranges, and whether the method supports them."""
+    from ilora.algorithm import Algorithm, get_algorithm
+
+    if cfg.fedprox_mu < 0:
+        raise ConfigError(f"fedprox_mu must be non-negative (0: FedProx off), got {cfg.fedprox_mu}")
+    if cfg.server_lr is not None and cfg.server_lr <= 0:
+        raise ConfigError(f"server_lr must be positive or null, got {cfg.server_lr}")
+    for key in ("server_momentum", "server_beta1", "server_beta2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    if cfg.server_tau <= 0:
+        raise ConfigError(f"server_tau must be positive, got {cfg.server_tau}")
+    if cfg.dp_clip <= 0:
+        raise ConfigError(f"dp_clip must be positive, got {cfg.dp_clip}")
+    if cfg.dp_noise_multiplier is not None and cfg.dp_noise_multiplier < 0:
+        raise ConfigError(f"dp_noise_multiplier must be non-negative or null, got {cfg.dp_noise_multiplier}")
+    if cfg.dp_epsilon is not None and cfg.dp_epsilon <= 0:
+        raise ConfigError(f"dp_epsilon must be positive or null, got {cfg.dp_epsilon}")
+    if not 0 < cfg.dp_delta < 1:
+        raise ConfigError(f"dp_delta must be in (0, 1), got {cfg.dp_delta}")
+    if cfg.dp != "none" and (cfg.dp_noise_multiplier is None) == (cfg.dp_epsilon is None):
+        raise ConfigError(f"dp={cfg.dp} needs exactly one of dp_noise_multiplier (sigma) and dp_epsilon (the "
+                          "budget sigma is solved from, with dp_delta)")
+    if cfg.dp == "none" and (cfg.dp_noise_multiplier is not None or cfg.dp_epsilon is not None):
+        raise ConfigError("dp_noise_multiplier and dp_epsilon need dp=client or dp=sample (valid dp: "
+                          f"{', '.join(DP_LEVELS)})")
+    cls = get_algorithm(cfg.method)
+    options = method_options(cfg)
+    if cfg.server_optimizer != "fedavg":
+        problem = cls.server_state_problem(options)
+        if problem:
+            raise ConfigError(f"server_optimizer {cfg.server_optimizer} is not defined for method {cfg.method}: "
+                              f"{problem} (valid: fedavg; docs/optimisers.md)")
+    if cfg.dp == "client":
+        kind, why = cls.aggregation(options)
+        problem = cls.server_state_problem(options)
+        if kind != "weighted_sum" or problem:
+            raise ConfigError(f"dp=client is not defined for method {cfg.method}: the noise bounds one client's "
+                              f"influence only on a fixed weighted sum of the uploads, and {why} "
+                              "(valid: dp=none, dp=sample; docs/privacy.md)")
+    if cfg.dp != "none" and getattr(options, "control_variates", False):
+        raise ConfigError(f"dp={cfg.dp} with control variates: each client would send its full local gradient "
+                          "without noise (valid: method_args.control_variates=false)")
+    if cfg.dp == "sample" and cls.initialize is not Algorithm.initialize:
+        raise ConfigError(f"dp=sample is not defined for method {cfg.method}: its initialisation reads the "
+                          "clients' data outside DP-SGD (valid: dp=none, dp=client where defined)")
 
 
 def check_model_limits(cfg: RunConfig) -> None:
@@ -393,7 +461,11 @@ _NOT_IDENTITY = {
 # Keys added after the committed records (results/records/) were made, each with the value every earlier run
 # had in effect: left out of a run's identity while they hold it, so that a new option never orphans the
 # committed records. Add a key here when you add it to RunConfig with a default that keeps today's behaviour.
-ADDED_KEYS: dict[str, Any] = {"pretrained": True}
+ADDED_KEYS: dict[str, Any] = {
+    "pretrained": True, "fedprox_mu": 0.0, "server_optimizer": "fedavg", "server_lr": None, "server_momentum": 0.9,
+    "server_beta1": 0.9, "server_beta2": 0.99, "server_tau": 1e-3, "dp": "none", "dp_clip": 1.0,
+    "dp_noise_multiplier": None, "dp_epsilon": None, "dp_delta": 1e-5,
+}
 
 
 def config_hash(cfg: RunConfig) -> str:

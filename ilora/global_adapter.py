@@ -179,6 +179,25 @@ class GlobalAdapterMethod(Algorithm):
         if getattr(self.config, "authors_merged_base", False):
             self.base_delta = dense_product(self.A, self.B, self.fed.scale(self.fed.max_rank))
 
+    # -- the global state (server optimisers, client-level DP: ilora.server_update) -------------
+    @classmethod
+    def server_state_problem(cls, config: AdapterConfig) -> str | None:
+        return None
+
+    def server_state(self) -> dict[str, Tensor]:
+        """The global ``A``, ``B`` (at ``r_max``, in global units) and head."""
+        state = {f"lora_A/{n}": a for n, a in self.A.items()}
+        state.update({f"lora_B/{n}": b for n, b in self.B.items()})
+        state.update({f"head/{n}": h for n, h in self.head.items()})
+        return state
+
+    def load_server_state(self, state: Mapping[str, Tensor]) -> None:
+        for key, t in state.items():
+            kind, _, name = key.partition("/")
+            {"lora_A": self.A, "lora_B": self.B, "head": self.head}[kind][name] = t
+        if getattr(self.config, "authors_merged_base", False):  # the merged checkpoint follows the new adapter
+            self.base_delta = dense_product(self.A, self.B, self.fed.scale(self.fed.max_rank))
+
     def eval_model(self) -> ClientModel:
         A, B = self.eval_factors()
         r_max = self.fed.max_rank

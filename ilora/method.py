@@ -99,7 +99,9 @@ def mean_column_norm(Bs: Sequence[Tensor]) -> float:
 
 
 @register("ilora", display_name="ILoRA", comm=both_factors_both_ways, comm_text="r_i(d+k) up, r_i(d+k) down",
-          groups=("paper",))
+          groups=("paper",),
+          aggregation=("dense_products", "its concatenated QR factors sum p_i s_i B_i A_i, which needs each "
+                       "client's factors or the dense sum"))
 class ILoRA(GlobalAdapterMethod):
     """QR init + concatenated-QR aggregation (+ control variates when switched on)."""
 
@@ -110,6 +112,19 @@ class ILoRA(GlobalAdapterMethod):
         super().__init__(fed, config)
         self.aggregated = False  # before the first aggregation, clients start from their own init
         self.kappa: dict[str, float] = {}  # per layer: mean column norm of the uploaded B (keepnorm split)
+
+    @classmethod
+    def aggregation(cls, config: ILoRAConfig) -> tuple[str, str]:
+        if config.aggregate == "fedavg":
+            return "weighted_sum", "with aggregate=fedavg its aggregate is the zero-padded average of A and B"
+        return cls.info.aggregation
+
+    @classmethod
+    def server_state_problem(cls, config: ILoRAConfig) -> str | None:
+        if config.aggregate == "fedavg":
+            return None
+        return ("its concatenated-QR aggregate re-factors the product sum p_i s_i B_i A_i, whose QR factors are "
+                "unique only up to rotation, so factor differences are not updates (aggregate=fedavg has them)")
 
     # -- initialisation ------------------------------------------------------------------------
     def initial_adapter(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -32,6 +33,8 @@ from ilora.data.cache import cached_encode, preprocessing_key
 from ilora.data.partition import PartitionSpec, cached_partition
 from ilora.errors import RunInterrupted, UserError
 from ilora.models import Backbone, ModelOptions, build_model, check_model_files, dataset_model_check
+from ilora.privacy import noise_multiplier, privacy_facts
+from ilora.server_update import attach_server_update
 from ilora.simulation import RoundRecord, Simulation, client_sampling_stream
 
 
@@ -177,7 +180,14 @@ class RunParts:
             device=self.device,
             sampling=self.sampling,
         )
-        return get_algorithm(cfg.method)(fed, method_options(cfg))
+        algorithm = get_algorithm(cfg.method)(fed, method_options(cfg))
+        attach_server_update(algorithm, cfg, self.noise_multiplier)
+        return algorithm
+
+    @functools.cached_property
+    def noise_multiplier(self) -> float | None:
+        """DP's sigma: given, or solved from ``dp_epsilon`` (None without DP)."""
+        return noise_multiplier(self.cfg, [len(p) for p in self.parts], self.sampling)
 
     def simulation(self, algorithm: Algorithm, client_data: Any, test: dict[str, Tensor]) -> Simulation:
         return Simulation(algorithm, self.backbone, client_data, test, self.cfg, self.sampling, self.seeds["training"],
@@ -199,6 +209,7 @@ class RunParts:
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
             "processor": processor_name(),
             "method_options": dataclasses.asdict(algorithm.config),
+            "privacy": privacy_facts(self.cfg, self.noise_multiplier, [len(p) for p in self.parts], self.sampling),
             "evaluation": (
                 "personalised: mean over clients of each client's own model's accuracy on the global test set"
                 if algorithm.info.personalised else "global model on the global test set"

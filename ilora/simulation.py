@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ilora.algorithm import Algorithm, ClientModel, Gradients, message_bytes
+from ilora.algorithm import Algorithm, ClientModel, Gradients, Message, message_bytes
 from ilora.config import RunConfig
 from ilora.models import Backbone, Batch
+from ilora.server_update import aggregate_round, clip_update
 
 
 @dataclass
@@ -94,8 +95,7 @@ class Simulation:
                             disable=not self.config.progress):
                 message, model = algo.download(cid)
                 downlink += message_bytes(message)
-                trained, loss, first_step, client_steps = self.train_client(t, cid, model)
-                uploads[cid] = algo.upload(cid, trained)
+                uploads[cid], loss, first_step, client_steps = self.client_round(t, cid, model)
                 uplink += message_bytes(uploads[cid])
                 train_losses.append(loss)
                 first_steps.append(first_step)
@@ -104,7 +104,7 @@ class Simulation:
 
             total = sum(sizes[c] for c in uploads)
             agg0 = self._now()
-            algo.aggregate(uploads, {c: sizes[c] / total for c in uploads})
+            aggregate_round(algo, uploads, {c: sizes[c] / total for c in uploads}, t)
             aggregate_s = self._now() - agg0
 
             eval0 = self._now()
@@ -129,6 +129,15 @@ class Simulation:
         return records
 
     # ---------------------------------------------------------------------------- local training
+    def client_round(self, round_index: int, cid: int, model: ClientModel) -> tuple[Message, float, float, int]:
+        """Client ``cid``'s part of a round (both engines): train from ``model``, then its upload, clipped to
+        ``dp_clip`` around ``model`` under client-level DP; with the loss, first-step change and steps."""
+        trained, loss, first_step, steps = self.train_client(round_index, cid, model)
+        upload = self.algorithm.upload(cid, trained)
+        if self.config.dp == "client":
+            upload = clip_update(upload, model, self.config.dp_clip)
+        return upload, loss, first_step, steps
+
     def train_client(self, round_index: int, cid: int, model: ClientModel) -> tuple[ClientModel, float, float, int]:
         """Train client ``cid`` from ``model`` on its data.
 

@@ -166,8 +166,7 @@ def handle_train(cfg: RunConfig, msg: Message, context: Context) -> Message:
         model = replica.receive(cid, from_array_record(msg.content.array_records["message"], device), round_index)
         sim = side.simulation(cid)
         t0 = time.perf_counter()
-        trained, loss, first_step, steps = sim.train_client(round_index, cid, model)
-        upload = replica.upload(cid, trained)
+        upload, loss, first_step, steps = sim.client_round(round_index, cid, model)
         save_state(cfg, context, cid, replica.client_side_state(cid), round_index)
     finally:
         replica.load_client_side_state(cid, {})

@@ -23,6 +23,7 @@ from ilora.config import check_splits
 from ilora.errors import RunInterrupted
 from ilora.flower.records import from_array_record, to_array_record, transmitted_bytes
 from ilora.runner import RunParts
+from ilora.server_update import aggregate_round
 from ilora.simulation import RoundRecord, sum_in_order
 
 
@@ -65,7 +66,7 @@ class FlowerServer:
 
             total = sum(self.sizes[c] for c in uploads)
             agg0 = time.perf_counter()
-            algo.aggregate(uploads, {c: self.sizes[c] / total for c in uploads})
+            aggregate_round(algo, uploads, {c: self.sizes[c] / total for c in uploads}, t)
             aggregate_s = time.perf_counter() - agg0
 
             eval0 = time.perf_counter()
