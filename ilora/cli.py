@@ -155,6 +155,24 @@ def method_option_rows() -> list[list[str]]:
     return rows
 
 
+def federated_option_rows() -> list[list[str]]:
+    """Per method at its default options: which server optimisers and DP levels it takes, and how it fares
+    under additive secure aggregation (docs/optimisers.md, docs/privacy.md)."""
+    from ilora.algorithm import SECURE_AGGREGATION, Algorithm, available_algorithms, get_algorithm
+
+    rows = []
+    for name in available_algorithms():
+        cls = get_algorithm(name)
+        config = cls.Config()
+        kind, why = cls.aggregation(config)
+        stateful = cls.server_state_problem(config) is None
+        client_dp = stateful and kind == "weighted_sum" and not getattr(config, "control_variates", False)
+        sample_dp = cls.initialize is Algorithm.initialize and not getattr(config, "control_variates", False)
+        rows.append([name, "all" if stateful else "fedavg only", "yes" if client_dp else "no",
+                     "yes" if sample_dp else "no", SECURE_AGGREGATION[kind], why])
+    return rows
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
@@ -172,6 +190,8 @@ def cmd_list(args: argparse.Namespace) -> int:
           end="\n\n")
     print(tabulate(method_option_rows(), headers=["method", "option (method_args.<option>=...)", "type", "default"]),
           end="\n\n")
+    print(tabulate(federated_option_rows(), headers=["method", "server_optimizer", "dp=client", "dp=sample",
+                                                     "secure aggregation", "why"]), end="\n\n")
     datasets = [[n, k, "yes" if off else "needs the HF cache"] for n, (k, off) in available_datasets().items()]
     print(tabulate(datasets, headers=["dataset", "kind", "offline"]), end="\n\n")
     models = [[n, k, "yes" if off else "needs the HF cache"] for n, (k, off) in available_models().items()]

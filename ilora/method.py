@@ -98,10 +98,12 @@ def mean_column_norm(Bs: Sequence[Tensor]) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+CONCAT_QR = ("dense_products", "its concatenated QR factors sum p_i s_i B_i A_i, which needs each client's factors "
+             "or the dense sum")
+
+
 @register("ilora", display_name="ILoRA", comm=both_factors_both_ways, comm_text="r_i(d+k) up, r_i(d+k) down",
-          groups=("paper",),
-          aggregation=("dense_products", "its concatenated QR factors sum p_i s_i B_i A_i, which needs each "
-                       "client's factors or the dense sum"))
+          groups=("paper",), aggregation=CONCAT_QR)
 class ILoRA(GlobalAdapterMethod):
     """QR init + concatenated-QR aggregation (+ control variates when switched on)."""
 
@@ -215,7 +217,8 @@ class ILoRA(GlobalAdapterMethod):
 
 
 @register("ilora_s", display_name="ILoRA-S", comm=both_factors_both_ways,
-          comm_text="2 r_i(d+k) up, 2 r_i(d+k) down (factors and control variates)", groups=("paper",))
+          comm_text="2 r_i(d+k) up, 2 r_i(d+k) down (factors and control variates)", groups=("paper",),
+          aggregation=CONCAT_QR)
 class ILoRAS(ILoRA):
     """ILoRA-S: ILoRA with rank-aware control variates (``control_variates=true`` by default)."""
 

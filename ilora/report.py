@@ -69,6 +69,7 @@ EXTRA_METRICS = {
     "round1_accuracy": "round-1 accuracy",
     "curve_mean": "mean accuracy over rounds",
     "rounds_to_target": "rounds to target",
+    "epsilon": "epsilon spent (largest over seeds)",
 }
 # Extras that are accuracies or rounds of a converging run: shown with a paired difference to the reference row.
 CONVERGENCE_METRICS = ("round1_accuracy", "curve_mean", "rounds_to_target")
@@ -91,7 +92,7 @@ def collect(runs: Iterable[PlannedRun]) -> pd.DataFrame:
         row: dict[str, Any] = dict(run.labels)
         row.update(run_id=run.run_id, model=run.config.model, status="missing", accuracy=math.nan,
                    best=math.nan, up_mb=math.nan, down_mb=math.nan, curve=None, seconds=math.nan,
-                   step_ratio=math.nan, round1_accuracy=math.nan, curve_mean=math.nan)
+                   step_ratio=math.nan, round1_accuracy=math.nan, curve_mean=math.nan, epsilon=math.nan)
         if record is None and run.result_path.exists():
             print(f"warning: cannot read {run.result_path} (not a valid results record); its cell is left blank",
                   file=sys.stderr)
@@ -105,6 +106,7 @@ def collect(runs: Iterable[PlannedRun]) -> pd.DataFrame:
                 row["curve"] = [100.0 * r["accuracy"] for r in rounds]
                 row["round1_accuracy"] = row["curve"][0] if row["curve"] else math.nan
                 row["curve_mean"] = float(np.mean(row["curve"])) if row["curve"] else math.nan
+            row["epsilon"] = epsilon_of(record)
             row["up_mb"], row["down_mb"] = comm_mb(record)
             row["seconds"] = sum(r.get("wall_s", 0.0) for r in rounds)
         rows.append(row)
@@ -129,6 +131,21 @@ class Table:
 
 def _key(labels: dict[str, str], axes: list[str]) -> str:
     return " / ".join(labels[a] for a in axes) if axes else "accuracy"
+
+
+def epsilon_of(record: dict[str, Any]) -> float:
+    """The record's epsilon spent: infinite without DP (or with noise 0)."""
+    privacy = record.get("privacy")
+    if not privacy or privacy.get("epsilon") is None:
+        return math.inf
+    return float(privacy["epsilon"])
+
+
+def _fmt_epsilon(values: Seeds) -> str:
+    if not values:
+        return ""
+    largest = max(values.values())
+    return "∞ (no DP)" if math.isinf(largest) else f"{largest:.2f}"
 
 
 def _fmt(mean: float, std: float, n: int) -> str:
@@ -347,6 +364,9 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
             prefix = f"{_key(cl, col_axes)} " if len(col_keys) > 1 else ""
             per_row = [_extra_values(metric, ok if metric in CONVERGENCE_METRICS else finished, rl, cl, row_axes, ref)
                        for rl in row_keys]
+            if metric == "epsilon":  # a budget, not a measurement: the largest over the cell's seeds
+                out[prefix + header] = [_fmt_epsilon(v) for v in per_row]
+                continue
             out[prefix + header] = [_fmt(*summarize(v)) for v in per_row]
             if metric in CONVERGENCE_METRICS and ref is not None and method_axis is not None:
                 diffs = []
