@@ -271,3 +271,15 @@ def test_flower_gives_the_in_process_records_with_a_server_optimiser_and_client_
     keys = ("round", "clients", "accuracy", "loss", "train_loss", "uplink_bytes")
     assert [{k: r[k] for k in keys} for r in local["rounds"]] == [{k: r[k] for k in keys} for r in flower["rounds"]]
     assert local["privacy"] == flower["privacy"] and local["privacy"]["epsilon"] > 0
+
+
+def test_the_docs_table_says_what_ilora_list_says():
+    from ilora.cli import federated_option_rows
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "privacy.md").read_text()
+    documented = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 6:
+            documented[cells[0].strip("`")] = cells[1:5]
+    assert documented == {row[0]: row[1:5] for row in federated_option_rows()}
