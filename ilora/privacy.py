@@ -19,6 +19,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from ilora.errors import ConfigError
+
 ACCOUNTANT = "rdp"
 ACCOUNTANT_NOTE = ("Opacus RDP accountant; Poisson sampling assumed (clients sampled without replacement, "
                    "batches by shuffling)")
@@ -45,8 +47,14 @@ def _noise_for(epsilon: float, delta: float, sample_rate: float, steps: int) -> 
         return 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=min(1.0, sample_rate),
-                                          steps=steps, accountant=ACCOUNTANT, epsilon_tolerance=0.005))
+        try:
+            sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=min(1.0, sample_rate),
+                                         steps=steps, accountant=ACCOUNTANT, epsilon_tolerance=0.005)
+            return float(sigma)
+        except ValueError:  # Opacus: "The privacy budget is too low."
+            raise ConfigError(f"dp_epsilon {epsilon} is too small for {steps} noisy steps at sampling rate "
+                              f"{sample_rate:.3g} (no noise multiplier reaches it; give a larger dp_epsilon or "
+                              "fewer rounds or steps)") from None
 
 
 def client_level_rate(cfg: Any) -> float:

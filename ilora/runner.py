@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import io
 import json
 import math
@@ -146,6 +145,7 @@ class RunParts:
     backbone: Backbone
     sampling: list[list[int]]
 
+    noise_multiplier: float | None = None  # DP's sigma: given, or solved from dp_epsilon (None without DP)
     _train: dict[str, Tensor] | None = None
 
     def encoded(self, split: str) -> dict[str, Tensor]:
@@ -184,10 +184,6 @@ class RunParts:
         attach_server_update(algorithm, cfg, self.noise_multiplier)
         return algorithm
 
-    @functools.cached_property
-    def noise_multiplier(self) -> float | None:
-        """DP's sigma: given, or solved from ``dp_epsilon`` (None without DP)."""
-        return noise_multiplier(self.cfg, [len(p) for p in self.parts], self.sampling)
 
     def simulation(self, algorithm: Algorithm, client_data: Any, test: dict[str, Tensor]) -> Simulation:
         return Simulation(algorithm, self.backbone, client_data, test, self.cfg, self.sampling, self.seeds["training"],
@@ -299,6 +295,8 @@ def build_parts(cfg: RunConfig) -> RunParts:
     dataset_model_check(cfg.dataset, cfg.model)
     check_model_files(cfg.model, cfg.pretrained)  # missing files are found before the data is read
     data, spec, parts = build_partition(cfg)
+    sampling = client_sampling_stream(cfg.num_clients, cfg.participation, cfg.rounds, seeds["sampling"])
+    sigma = noise_multiplier(cfg, [len(p) for p in parts], sampling)  # a budget too small fails here, before the model
     backbone = build_model(
         cfg.model,
         ModelOptions(
@@ -308,8 +306,7 @@ def build_parts(cfg: RunConfig) -> RunParts:
         ),
     ).to(device)
     backbone.module.backbone_dropout = cfg.backbone_dropout
-    sampling = client_sampling_stream(cfg.num_clients, cfg.participation, cfg.rounds, seeds["sampling"])
-    return RunParts(cfg, device, seeds, data, spec, parts, backbone, sampling)
+    return RunParts(cfg, device, seeds, data, spec, parts, backbone, sampling, sigma)
 
 
 def setup(cfg: RunConfig) -> tuple[Simulation, dict[str, Any]]:

@@ -283,3 +283,12 @@ def test_the_docs_table_says_what_ilora_list_says():
         if line.startswith("| `") and len(cells) == 6:
             documented[cells[0].strip("`")] = cells[1:5]
     assert documented == {row[0]: row[1:5] for row in federated_option_rows()}
+
+
+def test_a_budget_no_noise_reaches_fails_in_one_line_before_the_model_and_writes_nothing(tmp_path: Path):
+    from ilora.runner import run_experiment
+
+    cfg = resolve_config(["preset=smoke", "dp=client", "dp_epsilon=0.01", f"out_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match="dp_epsilon 0.01 is too small"):
+        run_experiment(cfg)
+    assert not (tmp_path / "out").exists()
