@@ -41,7 +41,8 @@ def test_the_callers_keys_are_run_settings_and_no_path_device_or_account():
 
     assert CALLER_KEYS <= set(PUBLIC_KEYS)
     operator_only = {"out_dir", "data_dir", "run_id", "device", "threads", "wandb", "wandb_project", "wandb_group",
-                     "wandb_tags", "export", "engine", "progress", "flower_client_cpus", "flower_client_gpus"}
+                     "wandb_tags", "export", "engine", "progress", "flower_client_cpus", "flower_client_gpus",
+                     "dp", "dp_clip", "dp_noise_multiplier", "dp_epsilon", "dp_delta"}
     assert not CALLER_KEYS & operator_only
     assert set(PUBLIC_KEYS) - CALLER_KEYS == operator_only  # a new key must be put on one side deliberately
 

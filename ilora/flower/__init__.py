@@ -30,8 +30,9 @@ CALLER_KEYS = frozenset({
     "eval_batch_size", "optimizer", "lr", "momentum", "weight_decay", "grad_clip", "divergence_loss_factor",
     "divergence_at_chance", "lora_alpha", "lora_dropout", "backbone_dropout", "rslora", "lora_targets", "pretrained",
     "method_args", "max_length", "image_size", "max_train_samples", "max_test_samples", "split_seed", "seed",
-    "flower_timeout", "flower_min_clients",
-})
+    "flower_timeout", "flower_min_clients", "fedprox_mu", "server_optimizer", "server_lr", "server_momentum",
+    "server_beta1", "server_beta2", "server_tau",
+})  # not the dp_* keys: the privacy promised to the clients is the operator's setting, not the caller's
 SERVER_OVERRIDES_ENV = "ILORA_FLOWER_SERVER_OVERRIDES"
 
 
