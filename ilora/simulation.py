@@ -150,7 +150,7 @@ class Simulation:
         number of optimiser steps taken.
 
         Every step's gradient is, in this order: the batch's (``dp=sample``: the noisy mean of the clipped
-        per-example gradients, see ``private_gradients``), plus the gradient of the method's ``local_loss``, plus
+        per-example gradients, see ``private_step_gradients``), plus the gradient of the method's ``local_loss``, plus
         FedProx's ``mu (w - w_start)``, plus the method's ``gradient_correction``; then ``grad_clip``, then the
         optimiser step. Under ``dp=sample`` the frozen backbone's BatchNorm layers run on their running
         statistics (eval mode): batch statistics would mix the examples of a batch.
@@ -234,9 +234,10 @@ class Simulation:
         """DP-SGD's gradient for one batch, written into the trained tensors' ``.grad``; returns the batch's mean loss.
 
         Each example's gradient (all trained tensors together) is clipped to ``dp_clip``; the clipped gradients
-        are summed, ``N(0, (sigma dp_clip)^2)`` is added to every entry of the sum, and the result is divided by
-        the batch's size. The method's ``local_loss`` is a function of the parameters only (HetLoRA's prune
-        penalty): its gradient is added exactly, after the noise, at no privacy cost.
+        are summed, ``N(0, (sigma dp_clip)^2)`` is added to every entry of the sum (drawn from ``noise``, seeded by
+        run, round and client), and the result is divided by the batch's size (batches come from shuffling, so this
+        is the size drawn, not Poisson sampling's expected size). The method's ``local_loss`` is a function of the
+        parameters only (HetLoRA's prune penalty): its gradient is added exactly, after the noise, at no privacy cost.
         """
         clip, sigma = self.config.dp_clip, float(self.noise_multiplier or 0.0)
         grads, losses = self.per_example_gradients(batch, trained)
