@@ -21,6 +21,8 @@ from ilora.privacy import noise_multiplier, privacy_facts
 from ilora.simulation import Simulation, client_sampling_stream, clipped_sum, dp_generator
 
 SIZES = [20, 30, 40]
+# on CPU torch maps scaled_dot_product_attention over the examples by its generic fallback: slower, same numbers
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
 
 def tiny_simulation(method: str = "fedit", backbone: Backbone | None = None, clients: list | None = None,
@@ -131,7 +133,7 @@ def test_per_example_gradients_match_a_loop_over_examples(kind: str, method: str
         one = {k: v[i : i + 1] for k, v in batch.items()}
         loss = F.cross_entropy(backbone(one).float(), one["labels"])
         expected = torch.autograd.grad(loss, list(trained.values()))
-        assert float(losses[i]) == pytest.approx(float(loss), rel=1e-6)
+        assert float(losses[i]) == pytest.approx(float(loss.detach()), rel=1e-6)
         for k, g in zip(trained, expected):
             torch.testing.assert_close(grads[k][i], g, rtol=1e-6, atol=1e-9, msg=f"{k} of example {i}")
 
