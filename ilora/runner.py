@@ -187,7 +187,7 @@ class RunParts:
 
     def simulation(self, algorithm: Algorithm, client_data: Any, test: dict[str, Tensor]) -> Simulation:
         return Simulation(algorithm, self.backbone, client_data, test, self.cfg, self.sampling, self.seeds["training"],
-                          self.device)
+                          self.device, noise_multiplier=self.noise_multiplier if self.cfg.dp == "sample" else None)
 
     def facts(self, algorithm: Algorithm) -> dict[str, Any]:
         """What the record says about the run's data, device and method options."""

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from ilora.algorithm import Algorithm, ClientModel, Gradients, Message, message_bytes
@@ -67,11 +68,14 @@ class Simulation:
     sampling: list[list[int]]
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    noise_multiplier: float | None = None  # dp=sample: the run's sigma (RunParts.noise_multiplier)
 
     def __post_init__(self) -> None:
         self._cuda = self.device.type == "cuda"
         self._compute_s = 0.0
         self._test = sorted_by_length(self.test_data)
+        if self.config.dp == "sample" and self.noise_multiplier is None:
+            raise ValueError("dp=sample needs the run's noise multiplier (Simulation.noise_multiplier)")
 
     @property
     def compute_s(self) -> float:
@@ -144,6 +148,12 @@ class Simulation:
         Returns the trained tensors, the mean training loss, the Frobenius norm of the change of
         the adapters' product ``s B A`` (all layers together) made by the first optimiser step, and the
         number of optimiser steps taken.
+
+        Every step's gradient is, in this order: the batch's (``dp=sample``: the noisy mean of the clipped
+        per-example gradients, see ``private_step_gradients``), plus the gradient of the method's ``local_loss``, plus
+        FedProx's ``mu (w - w_start)``, plus the method's ``gradient_correction``; then ``grad_clip``, then the
+        optimiser step. Under ``dp=sample`` the frozen backbone's BatchNorm layers run on their running
+        statistics (eval mode): batch statistics would mix the examples of a batch.
         """
         cfg, algo, data = self.config, self.algorithm, self.client_data[cid]
         torch.manual_seed(int(np.random.SeedSequence([self.seed, round_index, cid]).generate_state(1)[0]))
@@ -151,7 +161,16 @@ class Simulation:
         params = self.load(model)
         module = self.backbone.module
         module.train()
-        trainable = [p for p in params.values() if p.requires_grad]
+        private = cfg.dp == "sample"
+        if private:
+            batchnorm_eval(module)
+            noise = dp_generator(self.seed, round_index, cid, self.device)
+        trained = {k: p for k, p in params.items() if p.requires_grad}
+        trainable = list(trained.values())
+        # FedProx: the gradient of mu/2 ||w - w_start||^2 is added to each trained tensor's gradient, rather than
+        # the term to the loss: the same step, without a second autograd graph, and the same code with and without
+        # DP-SGD (the term does not depend on the data, so under dp=sample it is neither clipped nor noised)
+        start = {k: p.detach().clone() for k, p in trained.items()} if cfg.fedprox_mu > 0 else None
         optimizer = make_optimizer(cfg, trainable)
         optimizer.zero_grad(set_to_none=True)  # nothing left over from earlier work on the shared backbone
 
@@ -161,10 +180,15 @@ class Simulation:
         for batch in self._batches(data, cfg.batch_size, rng, cfg.local_epochs, cfg.local_steps):
             before = None if losses else self._factors()
             t0 = self._now()
-            with self._autocast():
-                loss = F.cross_entropy(self.backbone(batch).float(), batch["labels"])
             penalty = algo.local_loss(cid, params)
-            (loss if penalty is None else loss + penalty).backward()
+            if private:
+                loss = self.private_step_gradients(batch, trained, penalty, noise)
+            else:
+                with self._autocast():
+                    loss = F.cross_entropy(self.backbone(batch).float(), batch["labels"])
+                (loss if penalty is None else loss + penalty).backward()
+            if start is not None:
+                add_proximal_gradient(trained, start, cfg.fedprox_mu)
             if correction is not None:
                 for name, c in correction.items():
                     if params[name].grad is not None:
@@ -179,6 +203,55 @@ class Simulation:
                 first_step = self._product_change(before, model.scale)
         mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
         return self.read(model), mean_loss, first_step, len(losses)
+
+    # ---------------------------------------------------------------------------- DP-SGD (dp=sample)
+    def per_example_gradients(self, batch: Batch, trained: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        """Each example's gradient of its own loss with respect to the ``trained`` tensors (flat names; each
+        result has a leading batch dimension), and the examples' losses.
+
+        ``torch.func``: the backbone is called functionally on one example at a time (a batch of one) under
+        ``vmap``; dropout draws a different mask for every example (``randomness="different"``).
+        """
+        module = self.backbone.module
+        paths = {id(p): name for name, p in module.named_parameters(remove_duplicate=False)}
+        where = {k: paths[id(p)] for k, p in trained.items()}
+        values = {k: p.detach() for k, p in trained.items()}
+        batch = trim_padding(batch)
+
+        def example_loss(weights: dict[str, Tensor], example: Batch) -> tuple[Tensor, Tensor]:
+            one = {k: v.unsqueeze(0) for k, v in example.items()}
+            with self._autocast():
+                logits = functional_call(module, {where[k]: w for k, w in weights.items()}, (one,))
+            loss = F.cross_entropy(logits.float(), one["labels"])
+            return loss, loss.detach()
+
+        per_example = vmap(grad(example_loss, has_aux=True), in_dims=(None, 0), randomness="different")
+        return per_example(values, batch)
+
+    def private_step_gradients(
+        self, batch: Batch, trained: dict[str, torch.nn.Parameter], penalty: Tensor | None, noise: torch.Generator
+    ) -> Tensor:
+        """DP-SGD's gradient for one batch, written into the trained tensors' ``.grad``; returns the batch's mean loss.
+
+        Each example's gradient (all trained tensors together) is clipped to ``dp_clip``; the clipped gradients
+        are summed, ``N(0, (sigma dp_clip)^2)`` is added to every entry of the sum (drawn from ``noise``, seeded by
+        run, round and client), and the result is divided by the batch's size (batches come from shuffling, so this
+        is the size drawn, not Poisson sampling's expected size). The method's ``local_loss`` is a function of the
+        parameters only (HetLoRA's prune penalty): its gradient is added exactly, after the noise, at no privacy cost.
+        """
+        clip, sigma = self.config.dp_clip, float(self.noise_multiplier or 0.0)
+        grads, losses = self.per_example_gradients(batch, trained)
+        total = clipped_sum(grads, clip)
+        size = len(batch["labels"])
+        if penalty is not None:
+            penalty.backward()
+        for k, p in trained.items():
+            g = total[k]
+            if sigma > 0:
+                g = g + torch.normal(0.0, sigma * clip, g.shape, generator=noise, device=g.device, dtype=g.dtype)
+            g = (g / size).to(p.dtype)
+            p.grad = g if p.grad is None else p.grad + g
+        return losses.mean()
 
     def _factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         return {n: (l.effective_A.detach().clone(), l.lora_B.detach().clone())
@@ -339,6 +412,49 @@ def sum_in_order(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         for k, v in part.items():
             total[k] = total[k] + v
     return total
+
+
+def add_proximal_gradient(trained: dict[str, torch.nn.Parameter], start: dict[str, Tensor], mu: float) -> None:
+    """FedProx: add ``mu (w - w_start)``, the gradient of ``mu/2 ||w - w_start||^2``, to each trained tensor's grad."""
+    with torch.no_grad():
+        for k, p in trained.items():
+            prox = mu * (p - start[k])
+            p.grad = prox if p.grad is None else p.grad.add_(prox)
+
+
+def clipped_sum(per_example: dict[str, Tensor], clip: float) -> dict[str, Tensor]:
+    """The sum over examples of each example's gradient scaled to norm at most ``clip`` (the norm over all tensors
+    together; leading dimension: the example), as Opacus clips: factor ``min(1, clip / (norm + 1e-6))``."""
+    squares = [g.reshape(g.shape[0], -1).double().pow(2).sum(1) for g in per_example.values()]
+    norms = torch.stack(squares).sum(0).sqrt()
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return {k: torch.einsum("b,b...->...", factor.to(g.dtype), g) for k, g in per_example.items()}
+
+
+def dp_generator(seed: int, round_index: int, cid: int, device: torch.device) -> torch.Generator:
+    """DP-SGD's noise source for client ``cid`` in round ``round_index``: the same on every engine and on resume."""
+    state = int(np.random.SeedSequence([seed, round_index, cid, 0xD9]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(state)
+
+
+def batchnorm_eval(module: torch.nn.Module) -> None:
+    """Put every BatchNorm layer of ``module`` in eval mode (running statistics): under DP-SGD an example's output
+    must not depend on the other examples of its batch (the backbones already keep BatchNorm frozen this way)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def trim_padding(batch: Batch) -> Batch:
+    """A text batch cut to its longest row (``attention_mask``), as the text models cut it themselves; other
+    batches as they are. Under ``vmap`` a model sees one example and cannot read its length."""
+    if "attention_mask" not in batch:
+        return batch
+    width = batch["attention_mask"].shape[1]
+    length = int(batch["attention_mask"].sum(1).max())
+    if length == width:
+        return batch
+    return {k: v[:, :length] if v.dim() >= 2 and v.shape[1] == width else v for k, v in batch.items()}
 
 
 def sorted_by_length(data: Batch) -> Batch:

@@ -44,6 +44,21 @@ def test_flower_simulation_equals_in_process(method, tmp_path):
     assert not (tmp_path / "flower" / flower["run_id"] / "checkpoint").exists()
 
 
+def test_flower_with_dp_sample_and_fedprox_equals_in_process(tmp_path):
+    """DP-SGD's noise (seeded by run, round and client) and FedProx's term come out the same on both engines."""
+    from ilora.flower.simulation import run_on_flower
+
+    overrides = ["preset=smoke", "method=ffa_lora", "participation=0.67", "threads=1", "dp=sample",
+                 "dp_noise_multiplier=1.0", "fedprox_mu=0.01"]
+    local = run_experiment(resolve_config([*overrides, f"out_dir={tmp_path / 'local'}"]))
+    flower = run_on_flower(resolve_config([*overrides, f"out_dir={tmp_path / 'flower'}", "engine=flower"]))
+
+    assert local["status"] == flower["status"] == "ok"
+    assert local["privacy"] == flower["privacy"] and local["privacy"]["level"] == "sample"
+    for mine, theirs in zip(local["rounds"], flower["rounds"], strict=True):
+        assert {k: mine[k] for k in SAME} == {k: theirs[k] for k in SAME}
+
+
 # ------------------------------------------------------------------------------------------- faults
 class _Grid:
     """Answers client 0, reports client 1 failed, and never answers client 2."""

@@ -37,6 +37,33 @@ from ilora.models.hub import (
 )
 
 
+def in_transform(t: Tensor) -> bool:
+    """Whether ``t`` is inside a ``torch.func`` transform (per-example gradients for ``dp=sample``)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def shared_length(mask: Tensor) -> int:
+    """The tokens every row of a batch needs: its longest row's length.
+
+    Under ``torch.func.vmap`` a length cannot be read from the data: there the full width is kept, which gives
+    the same outputs (padding is masked); the simulator trims the batch to its longest row before mapping over it
+    (``ilora.simulation.trim_padding``).
+    """
+    return mask.shape[-1] if in_transform(mask) else int(mask.sum(1).max())
+
+
+def encoder_mask(mask: Tensor, config: Any) -> Tensor:
+    """The attention mask handed to a transformers encoder: ``mask`` itself, except inside a ``torch.func``
+    transform, where transformers would read a 2-D mask's contents (to skip an all-ones mask), which vmap does not
+    allow: there the 4-D mask it would build (sdpa: boolean, True = attend; eager: additive)."""
+    if not in_transform(mask):
+        return mask
+    keep = mask[:, None, None, :].bool()
+    if config._attn_implementation == "sdpa":
+        return keep
+    return (~keep).float() * torch.finfo(torch.float32).min
+
+
 class MeanPoolClassifier(FrozenBackboneModule):
     """Encoder -> masked mean of the last hidden states -> linear head (sentence-transformers style)."""
 
@@ -47,9 +74,10 @@ class MeanPoolClassifier(FrozenBackboneModule):
 
     def forward(self, batch: Batch) -> Tensor:
         mask = batch["attention_mask"]
-        length = int(mask.sum(1).max())  # trim the padding every row of this batch shares
+        length = shared_length(mask)  # trim the padding every row of this batch shares
         mask = mask[:, :length]
-        hidden = self.encoder(input_ids=batch["input_ids"][:, :length], attention_mask=mask).last_hidden_state
+        hidden = self.encoder(input_ids=batch["input_ids"][:, :length],
+                              attention_mask=encoder_mask(mask, self.encoder.config)).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         return self.classifier(pooled)
@@ -122,8 +150,9 @@ class RobertaClassifier(FrozenBackboneModule):
 
     def forward(self, batch: Batch) -> Tensor:
         mask = batch["attention_mask"]
-        length = int(mask.sum(1).max())
-        hidden = self.roberta(input_ids=batch["input_ids"][:, :length], attention_mask=mask[:, :length])
+        length = shared_length(mask)
+        hidden = self.roberta(input_ids=batch["input_ids"][:, :length],
+                              attention_mask=encoder_mask(mask[:, :length], self.roberta.config))
         return self.classifier(hidden.last_hidden_state)
 
 
