@@ -19,8 +19,11 @@ A benchmark is one YAML under ``benchmarks/`` (one per paper table or figure)::
 
 An axis given as a mapping names each value with a label and the overrides it stands for, e.g.
 ``optimizer: {sgd: {optimizer: sgd, lr: 0.01}, adamw: {optimizer: adamw, lr: 1.0e-4}}``. The axis
-``seed`` is the one the report averages over. ``method: all`` stands for every registered method and
-``method: <group>`` (or a group's name in the list) for a group's methods (``ilora list`` shows them).
+``seed`` is the one the report averages over. A preset's ``extend`` adds grid points: each entry names some
+axes' labels (e.g. ``{method: [fedit, ilora], seed: [47, 48]}``: more seeds for a few methods), the other
+axes keep the grid's; only the seed axis may add labels, so the tables keep their rows. ``method: all``
+stands for every registered method and ``method: <group>`` (or a group's name in the list) for a group's
+methods (``ilora list`` shows them).
 
 Each grid point becomes a ``RunConfig`` through ``resolve_config`` (the benchmark preset's
 ``configs/preset/<preset>.yaml``, then ``base``, then the axis overrides, then the command line's
@@ -81,6 +84,37 @@ class Benchmark:
             )
         grid = (self.presets[preset] or {}).get("grid") or {}
         return [_axis(self.name, name, spec) for name, spec in grid.items()]
+
+    def grids(self, preset: str) -> list[list[Axis]]:
+        """The grid, then each of the preset's ``extend`` entries as a grid of its own: the same axes, with the
+        entry's labels in place of the grid's for the axes it names (e.g. more seeds for a few methods)."""
+        axes = self.axes(preset)
+        by_name = {a.name: a for a in axes}
+        extend = (self.presets[preset] or {}).get("extend") or []
+        if not isinstance(extend, list):
+            raise ConfigError(f"benchmark {self.name}: preset {preset!r}: extend must be a list of mappings "
+                              "axis -> labels")
+        grids = [axes]
+        for i, entry in enumerate(extend):
+            where = f"benchmark {self.name}: preset {preset!r}: extend[{i}]"
+            if not isinstance(entry, dict) or not entry:
+                raise ConfigError(f"{where} must be a mapping axis -> labels (axes: {', '.join(by_name)})")
+            grid = list(axes)
+            for name, spec in entry.items():
+                if name not in by_name:
+                    raise ConfigError(f"{where}: {name!r} is not an axis of the grid (axes: {', '.join(by_name)})")
+                main = by_name[name]
+                if isinstance(spec, list) and spec and all(_label(v) in main.values for v in spec):
+                    sub = Axis(name, {_label(v): main.values[_label(v)] for v in spec})  # a subset of the grid's
+                else:
+                    sub = _axis(self.name, name, spec)
+                new = [label for label in sub.values if label not in main.values]
+                if new and name != "seed":  # a row or column the table does not have
+                    raise ConfigError(f"{where}: {name} has no label {new[0]!r} in the grid; only the seed axis "
+                                      f"may add labels (valid: {', '.join(main.values)})")
+                grid[[a.name for a in axes].index(name)] = sub
+            grids.append(grid)
+        return grids
 
     def base(self, preset: str) -> dict[str, Any]:
         self.axes(preset)  # validates the preset name
@@ -198,6 +232,7 @@ def load_benchmark(name: str, root: Path | None = None) -> Benchmark:
         if not bench.runs_at(preset):
             continue
         axes = {a.name for a in bench.axes(preset)}
+        bench.grids(preset)  # validates the extend entries
         missing = [a for a in bench.rows + bench.columns if a not in axes]
         if missing:
             raise ConfigError(f"benchmark {bench.name}: preset {preset!r} has no grid axis {missing[0]!r}")
@@ -240,15 +275,21 @@ def expand(
     """Every grid point of ``bench`` under ``preset`` as a resolved, validated run (none without a grid)."""
     if not bench.runs_at(preset):
         return []
-    axes = bench.axes(preset)
     base = bench.base(preset)
     config_preset = base.pop("preset", preset if preset in available_presets() else "cpu")
     from ilora.runner import run_id_for
 
     out = out_dir or default_out_dir(preset)
     runs = []
-    for combo in itertools.product(*(list(a.values.items()) for a in axes)):
+    combos = itertools.chain.from_iterable(
+        ((grid, combo) for combo in itertools.product(*(list(a.values.items()) for a in grid)))
+        for grid in bench.grids(preset))
+    seen: set[tuple[str, ...]] = set()
+    for axes, combo in combos:
         labels = {a.name: label for a, (label, _) in zip(axes, combo)}
+        if tuple(labels.values()) in seen:  # an extend entry that repeats a grid point
+            continue
+        seen.add(tuple(labels.values()))
         merged: dict[str, Any] = dict(base)
         for _, values in combo:
             merged.update(values)
@@ -266,7 +307,11 @@ def select_cell(bench: Benchmark, preset: str, selectors: list[str], out_dir: st
     selector that is not an axis of the grid, or a label the axis does not have, is an error that lists
     the valid ones. The run is exactly the sweep's: the same config, run id and record.
     """
-    axes = {a.name: list(a.values) for a in bench.axes(preset)}
+    axes: dict[str, list[str]] = {}
+    for grid in bench.grids(preset):
+        for axis in grid:
+            axes.setdefault(axis.name, [])
+            axes[axis.name] += [label for label in axis.values if label not in axes[axis.name]]
     if not axes:
         raise ConfigError(f"benchmark {bench.name!r} runs nothing at preset {preset!r}: "
                           f"{bench.presets[preset].get('dropped') or 'no grid'}")

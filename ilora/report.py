@@ -30,6 +30,9 @@ AVERAGE = "average"
 PERSONALISED_MARK = " †"
 PERSONALISED_NOTE = ("† personalised method: no global model; its cell is the mean over clients of each client's own "
                      "model's accuracy on the same test set, not comparable one-to-one with a global model's.")
+DIVERGED_NOTE = ("k diverged: k of the cell's seeds diverged (their loss exploded or they ended at chance; the "
+                 "record names the round). The cell's mean and its paired differences are over the other seeds "
+                 "only, so they flatter the method: read them with the failure count.")
 
 
 def personalised(label: str) -> bool:
@@ -261,6 +264,7 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
     ref = refs[0] if refs else None
     method_axis = row_axes[-1] if row_axes else None
     pairs_seen: list[Paired] = []
+    diverged_cells: list[str] = []
 
     def seeds_of(sub: pd.DataFrame) -> Seeds:
         if sub.empty:
@@ -307,6 +311,11 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
             r = _key(rl, row_axes)
             mean, std, n = summarize(values[(r, col)])
             text = _fmt(mean, std, n)
+            sub = cells[(r, col)]
+            diverged = int((sub["status"] == "diverged").sum()) if not sub.empty else 0
+            if text and diverged:  # the mean is over the seeds that did not diverge: say how many did
+                text = f"{text[:-1]}; {diverged} diverged)"
+                diverged_cells.append(f"{display(r)} / {col}")
             if not text and statuses[(r, col)] and "ok" not in statuses[(r, col)]:
                 text = "/".join(s for s in statuses[(r, col)] if s != "missing")
             texts.append(f"**{text}**" if i in bold else text)
@@ -323,7 +332,6 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
             paper = _known_value(known, rl, col_labels)
             papers.append(paper)
             deltas.append(mean - paper if paper is not None and n else None)
-            sub = cells[(r, col)]
             good = sub[sub["status"] == "ok"] if not sub.empty else sub
             row = {
                 **rl, **col_labels, "n": n, "mean": mean, "std": std if n else math.nan,
@@ -342,6 +350,7 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
                 "comm_mb": float(good["comm_mb"].mean()) if not good.empty else math.nan,
                 "up_mb": float(good["up_mb"].mean()) if not good.empty else math.nan,
                 "down_mb": float(good["down_mb"].mean()) if not good.empty else math.nan,
+                "diverged": diverged,
                 "personalised": personalised(rl[method_axis]) if method_axis else False,
                 "statuses": ";".join(statuses[(r, col)]),
                 "run_ids": ";".join(sub["run_id"]) if not sub.empty else "",
@@ -396,6 +405,8 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
     resolvable = resolvable_difference(pairs_seen)
     if resolvable:
         notes.append(resolvable)
+    if diverged_cells:
+        notes.append(DIVERGED_NOTE)
     if method_axis is not None and any(personalised(rl[method_axis]) for rl in row_keys):
         notes.append(PERSONALISED_NOTE)
     dropped = bench.presets[preset].get("dropped")

@@ -222,3 +222,27 @@ def test_sixteen_methods_get_sixteen_distinct_looks_and_facets_name_their_axis()
     assert all(a[0] != b[0] and a[1] != b[1] for a, b in zip(looks, looks[1:]))  # neighbours: colour and marker
     axes = {"dataset": ["fashion_mnist"], "optimizer": ["sgd", "adamw"]}
     assert _panel_title({"dataset": "fashion_mnist", "optimizer": "sgd"}, axes, "x") == "optimizer: sgd"
+
+
+def test_a_cell_with_a_diverged_seed_says_so(tmp_path):
+    """A diverged seed is left out of the mean (its early rounds are not a result), and the cell counts it: a
+    method that diverges on some seeds must not look as good as one that never does."""
+    bench, runs, out = make_records(tmp_path)
+    flora_tweets = next(r for r in runs if (r.labels["method"], r.labels["dataset"], r.labels["seed"])
+                        == ("flora", "tweets", "1"))
+    rounds = [{"round": 1, "clients": [0, 1, 2], "accuracy": 0.1, "loss": 1.0, "wall_s": 1.0}]
+    write_record(out / flora_tweets.run_id, {"run_id": flora_tweets.run_id, "status": "diverged",
+                                             "error": "test loss 40 in round 1", "rounds": rounds,
+                                             "final_accuracy": 0.1, "best_accuracy": 0.1})
+    ilora_tweets = next(r for r in runs if (r.labels["method"], r.labels["dataset"], r.labels["seed"])
+                        == ("ilora", "tweets", "2"))
+    write_record(out / ilora_tweets.run_id, {"run_id": ilora_tweets.run_id, "status": "diverged",
+                                             "error": "test loss 40 in round 1", "rounds": rounds,
+                                             "final_accuracy": 0.1, "best_accuracy": 0.1})
+    table = build_table(bench, "smoke", collect(runs))
+    shown = table.display.set_index("method")
+    assert shown.loc["FLoRA", "tweets"] == "diverged"  # no seed finished: the status, not a number
+    assert shown.loc["ILoRA", "tweets"] == "40.00 (n=1; 1 diverged)"
+    assert shown.loc["ILoRA", "bbc_news"].endswith("(n=2)**")  # cells without a diverged seed are unchanged
+    assert table.tidy.set_index(["method", "dataset"]).loc[("ilora", "tweets"), "diverged"] == 1
+    assert any(note.startswith("k diverged") for note in table.notes)

@@ -105,6 +105,37 @@ def test_plan_dedups_shared_runs(tmp_path):
     assert len(runs) == 8  # the 'other' runs are a subset of 'tiny'
 
 
+EXTENDED = BENCH.replace("      seed: [1, 2]\n", """      seed: [1, 2]
+    extend:
+      - {optimizer: [adamw], method: [ilora], seed: [2, 3, 4]}
+""")
+
+
+def test_extend_adds_seeds_for_a_few_cells_only(tmp_path):
+    bench = load_benchmark(str(write_bench(tmp_path, EXTENDED)))
+    runs = expand(bench, "smoke", out_dir=str(tmp_path / "runs"))
+    extra = [r for r in runs if r.labels["seed"] in ("3", "4")]
+    assert len(runs) == 8 + 2 and len({r.run_id for r in runs}) == 10  # seed 2 of that cell is not run twice
+    assert all(r.labels["optimizer"] == "adamw" and r.labels["method"] == "ilora" for r in extra)
+    assert all(r.config.optimizer == "adamw" and r.config.lr == 0.001 and r.config.seed in (3, 4) for r in extra)
+    assert [a.name for a in bench.axes("smoke")] == ["dataset", "optimizer", "method", "seed"]  # the table's
+    # the sweep's order stays seed-major: every seed-1 and seed-2 run before the extension's seeds
+    order = [r.labels["seed"] for r in plan([bench], "smoke", out_dir=str(tmp_path / "runs"))]
+    assert order == sorted(order)
+
+
+@pytest.mark.parametrize("extend, message", [
+    ("{colour: [red]}", "extend\\[0\\]: 'colour' is not an axis of the grid"),
+    ("{method: [flora]}", "extend\\[0\\]: method has no label 'flora' in the grid; only the seed axis may add"),
+    ("{optimizer: [lion]}", "extend\\[0\\]: optimizer has no label 'lion'"),
+    ("seeds", "extend\\[0\\] must be a mapping axis -> labels"),
+])
+def test_extend_errors_name_the_entry(tmp_path, extend, message):
+    path = write_bench(tmp_path, EXTENDED.replace("{optimizer: [adamw], method: [ilora], seed: [2, 3, 4]}", extend))
+    with pytest.raises(ConfigError, match=message):
+        load_benchmark(str(path))
+
+
 def test_benchmark_errors(tmp_path):
     bench = load_benchmark(str(write_bench(tmp_path)))
     with pytest.raises(ConfigError, match="no preset 'cpu'"):
