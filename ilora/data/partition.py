@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -70,7 +71,9 @@ def partition(labels: np.ndarray, spec: PartitionSpec) -> list[np.ndarray]:
         index = index.shuffle(seed=spec.seed).flatten_indices()
     partitioner.dataset = index
     try:
-        parts = [np.sort(np.asarray(partitioner.load_partition(i)["index"])) for i in range(spec.num_clients)]
+        with warnings.catch_warnings():  # redrawing until every client holds min_partition_size is the intent
+            warnings.filterwarnings("ignore", message="The specified min_partition_size", category=UserWarning)
+            parts = [np.sort(np.asarray(partitioner.load_partition(i)["index"])) for i in range(spec.num_clients)]
     except ValueError as exc:  # e.g. min_partition_size cannot be met
         if "attempts" in str(exc):
             raise ConfigError(f"partition: no Dirichlet draw (alpha {spec.dirichlet_alpha}) gave each of the "
