@@ -246,6 +246,34 @@ def resolvable_difference(pairs: list[Paired]) -> str | None:
             "a difference smaller than its interval's half-width is inside the noise.")
 
 
+CONVERGED_GAIN = 1.0  # points: the regime's convergence criterion for the reference's last round
+
+
+def last_round_gain(ok: pd.DataFrame, row_keys: list[dict[str, str]], col_keys: list[dict[str, str]],
+                    ref: str | None, method_axis: str | None) -> str | None:
+    """Whether the table's runs have converged: FedIT's accuracy change in the last round, mean over its seeds,
+    for each of its cells (e.g. ``sgd +0.89; adamw +0.70``); None where FedIT is not the reference row (the
+    regime's criterion is FedIT's) or there are no curves."""
+    if ref != "fedit" or method_axis is None or ok.empty:
+        return None
+    parts = []
+    for rl in row_keys:
+        if rl[method_axis] != ref:
+            continue
+        for cl in col_keys or [{}]:
+            curves = [c for c in _select(ok, {**rl, **cl})["curve"] if c and len(c) > 1]
+            if not curves:
+                continue
+            gain = float(np.mean([c[-1] - c[-2] for c in curves]))
+            where = ", ".join(display(v) for k, v in {**rl, **cl}.items() if k != method_axis)
+            verdict = "converged" if gain < CONVERGED_GAIN else "still rising"
+            parts.append(f"{where + ' ' if where else ''}{gain:+.2f} ({verdict}, n={len(curves)})")
+    if not parts:
+        return None
+    return (f"Convergence: {display(ref)}'s accuracy change in the last round, mean over its seeds: "
+            f"{'; '.join(parts)} (the regime asks for under {CONVERGED_GAIN:g} point).")
+
+
 def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
     """The paper's layout: one row per row label, one column per column label (+ average).
 
@@ -402,6 +430,9 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
     notes[:0] = [f"{k.get('note')}" for k in known if k.get("note")]
     if preset in NOT_THE_REGIME:
         notes.append(NOT_THE_REGIME[preset])
+    convergence = last_round_gain(ok, row_keys, col_keys, ref, method_axis)
+    if convergence:
+        notes.append(convergence)
     resolvable = resolvable_difference(pairs_seen)
     if resolvable:
         notes.append(resolvable)

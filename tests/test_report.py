@@ -246,3 +246,12 @@ def test_a_cell_with_a_diverged_seed_says_so(tmp_path):
     assert shown.loc["ILoRA", "bbc_news"].endswith("(n=2)**")  # cells without a diverged seed are unchanged
     assert table.tidy.set_index(["method", "dataset"]).loc[("ilora", "tweets"), "diverged"] == 1
     assert any(note.startswith("k diverged") for note in table.notes)
+
+
+def test_tables_say_whether_the_reference_converged(tmp_path):
+    """The regime's convergence criterion (FedIT gains under 1 point in the last round) is stated per cell."""
+    bench, runs, _ = make_records(tmp_path)
+    table = build_table(bench, "smoke", collect(runs))
+    # synthetic curves rise linearly: FedIT bbc_news ends at 60/64 after 40/42.67, a gain of 20 and 21.33
+    note = next(n for n in table.notes if n.startswith("Convergence"))
+    assert "bbc_news +20.67 (still rising, n=2)" in note and "tweets +16.67 (still rising, n=1)" in note
