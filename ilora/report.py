@@ -292,7 +292,7 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
     ref = refs[0] if refs else None
     method_axis = row_axes[-1] if row_axes else None
     pairs_seen: list[Paired] = []
-    diverged_cells: list[str] = []
+    any_diverged = False
 
     def seeds_of(sub: pd.DataFrame) -> Seeds:
         if sub.empty:
@@ -343,7 +343,7 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
             diverged = int((sub["status"] == "diverged").sum()) if not sub.empty else 0
             if text and diverged:  # the mean is over the seeds that did not diverge: say how many did
                 text = f"{text[:-1]}; {diverged} diverged)"
-                diverged_cells.append(f"{display(r)} / {col}")
+                any_diverged = True
             if not text and statuses[(r, col)] and "ok" not in statuses[(r, col)]:
                 text = "/".join(s for s in statuses[(r, col)] if s != "missing")
             texts.append(f"**{text}**" if i in bold else text)
@@ -436,7 +436,7 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
     resolvable = resolvable_difference(pairs_seen)
     if resolvable:
         notes.append(resolvable)
-    if diverged_cells:
+    if any_diverged:
         notes.append(DIVERGED_NOTE)
     if method_axis is not None and any(personalised(rl[method_axis]) for rl in row_keys):
         notes.append(PERSONALISED_NOTE)
