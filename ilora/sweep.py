@@ -168,46 +168,65 @@ class Plan:
         else:
             hours = self.expected_s / 3600
             on = ", ".join(self.processors) or "-"
-            out.append(f"  expected time: about {hours:.1f} h at {jobs} job(s), from the wall time of finished records "
-                       f"of the same dataset, model and method ({self.estimated} of {self.pending} runs; the rest at "
-                       f"their dataset and model's median), measured on {on}")
+            out.append(f"  expected time: about {hours:.1f} h at {jobs} job(s), from the time per optimiser step of "
+                       f"finished records of the same dataset, model, method and DP mode ({self.estimated} of "
+                       f"{self.pending} runs; the rest from their dataset and model), measured on {on}")
         return out
 
 
 def make_plan(runs: list[PlannedRun], members: dict[str, list[str]], jobs: int, retry_failed: bool = False,
               gpu_times: Path | None = None) -> Plan:
-    """The sweep's plan; each pending run's time is the median wall time of finished records of its kind
-    (dataset, model, method; else dataset and model) among ``runs``. ``gpu_times``: also the GPU hours of
-    all planned runs from the step times in that file (``make gpu-check`` writes it)."""
+    """The sweep's plan; each pending run's time comes from the finished records of its kind among ``runs``
+    (dataset, model, method and DP mode; else dataset and model): their median wall time per optimiser step
+    times the run's own steps, so that a run on twice the data is expected to take twice as long (the
+    median wall time where a run's steps cannot be counted). ``gpu_times``: also the GPU hours of all
+    planned runs from the step times in that file (``make gpu-check`` writes it)."""
     import statistics
 
     todo = pending(runs, retry_failed)
     todo_ids = {r.run_id for r in todo}
-    by_kind: dict[tuple, list[float]] = {}
+    per_step: dict[tuple, list[float]] = {}  # seconds per optimiser step of finished runs, by kind
+    per_run: dict[tuple, list[float]] = {}  # their whole wall times, by kind
     processors: set[str] = set()
-    for run in runs:
-        record = read_record(run.result_path)
+    # every finished record where these runs keep theirs, planned here or not (another table's runs of the
+    # same method time this one's on other data)
+    record_paths = {p for d in {run.result_path.parent.parent for run in runs} for p in d.glob("*/result.json")}
+    for path in sorted(record_paths | {run.result_path for run in runs}):
+        record = read_record(path)
         if not record or record.get("status") != "ok":
             continue
-        wall = sum(r.get("wall_s", 0.0) for r in record.get("rounds") or [])
-        cfg = run.config
-        by_kind.setdefault((cfg.dataset, cfg.model, cfg.method), []).append(wall)
-        by_kind.setdefault((cfg.dataset, cfg.model), []).append(wall)
+        rounds = record.get("rounds") or []
+        wall = sum(r.get("wall_s", 0.0) for r in rounds)
+        steps = sum(sum(r.get("client_steps") or []) for r in rounds)
+        config = record.get("config") or {}
+        for kind in _kinds(record.get("dataset"), record.get("model"), record.get("method"), config.get("dp", "none")):
+            per_run.setdefault(kind, []).append(wall)
+            if steps:
+                per_step.setdefault(kind, []).append(wall / steps)
         processors.add(str(record.get("processor") or "an unrecorded processor"))
     total, known, estimated = 0.0, True, 0
     for run in todo:
         cfg = run.config
-        exact = by_kind.get((cfg.dataset, cfg.model, cfg.method))
-        near = by_kind.get((cfg.dataset, cfg.model))
-        if exact:
-            estimated += 1
-        if not (exact or near):
+        exact, near = _kinds(cfg.dataset, cfg.model, cfg.method, cfg.dp)
+        steps = planned_steps(run.config)
+        kind = exact if exact in per_run else near if near in per_run else None
+        if kind is None:
             known = False
             continue
-        total += statistics.median(exact or near)
+        estimated += kind == exact
+        if steps and kind in per_step:
+            total += statistics.median(per_step[kind]) * steps
+        else:
+            total += statistics.median(per_run[kind])
     per = {name: (len(ids), sum(1 for i in ids if i in todo_ids)) for name, ids in members.items()}
     gpu = gpu_estimate(runs, gpu_times) if gpu_times is not None else None
     return Plan(per, len(runs), len(todo), total / max(1, jobs) if known else None, estimated, sorted(processors), gpu)
+
+
+def _kinds(dataset: Any, model: Any, method: Any, dp: Any) -> tuple[tuple, tuple]:
+    """A run's kind for timing it, exact (its method and DP mode too: DP-SGD's per-sample gradients cost
+    more) and near (dataset and model only)."""
+    return (dataset, model, method, dp), (dataset, model)
 
 
 # ------------------------------------------------------------------------------------------- GPU hours

@@ -105,6 +105,32 @@ def test_plan_dedups_shared_runs(tmp_path):
     assert len(runs) == 8  # the 'other' runs are a subset of 'tiny'
 
 
+def test_plan_times_a_run_by_its_optimiser_steps_from_records_of_its_kind(tmp_path):
+    """A pending run on twice the data is expected to take twice as long as a finished one of its kind, and
+    finished records of another table in the same records directory count too."""
+    from ilora.sweep import make_plan, planned_steps
+
+    write_bench(tmp_path / "b", BENCH.replace("method: [fedit, ilora]", "method: [fedit]")
+                .replace("sgd: {optimizer: sgd, lr: 0.01, momentum: 0.9}\n", "")
+                .replace("seed: [1, 2]", "seed: [1]"))
+    out = tmp_path / "runs"
+    epochs = ["local_steps=null", "batch_size=4"]  # one local epoch, its steps set by the data
+    (done,) = plan(resolve_benchmarks([], tmp_path / "b"), "smoke", overrides=epochs, out_dir=str(out))
+    steps = planned_steps(done.config)
+    rounds = [{"wall_s": 50.0, "client_steps": [steps // 2 - 5, 5]}, {"wall_s": 50.0, "client_steps": [steps // 2]}]
+    record = {"status": "ok", "dataset": "bbc_news", "model": done.config.model, "method": "fedit",
+              "config": {"dp": "none"}, "processor": "a test CPU", "rounds": rounds}
+    other = out / "another-table-run"
+    other.mkdir(parents=True)
+    write_record(other, record)  # not a planned run: it still times the planned ones
+    bigger = [r for r in plan(resolve_benchmarks([], tmp_path / "b"), "smoke", out_dir=str(out),
+                              overrides=[*epochs, "max_train_samples=120"])]
+    result = make_plan(bigger, {"tiny": [r.run_id for r in bigger]}, jobs=1)
+    assert result.pending == 1 and result.estimated == 1 and result.processors == ["a test CPU"]
+    assert result.expected_s == pytest.approx(100.0 * planned_steps(bigger[0].config) / steps)
+    assert planned_steps(bigger[0].config) > 1.8 * steps
+
+
 EXTENDED = BENCH.replace("      seed: [1, 2]\n", """      seed: [1, 2]
     extend:
       - {optimizer: [adamw], method: [ilora], seed: [2, 3, 4]}
