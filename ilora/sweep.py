@@ -177,7 +177,7 @@ class Plan:
 def make_plan(runs: list[PlannedRun], members: dict[str, list[str]], jobs: int, retry_failed: bool = False,
               gpu_times: Path | None = None) -> Plan:
     """The sweep's plan; each pending run's time comes from the finished records of its kind among ``runs``
-    (dataset, model, method and DP mode; else dataset and model): their median wall time per optimiser step
+    (dataset, model, method and DP mode where three or more records have it; else dataset and model): their median wall time per optimiser step
     times the run's own steps, so that a run on twice the data is expected to take twice as long (the
     median wall time where a run's steps cannot be counted). ``gpu_times``: also the GPU hours of all
     planned runs from the step times in that file (``make gpu-check`` writes it)."""
@@ -209,7 +209,9 @@ def make_plan(runs: list[PlannedRun], members: dict[str, list[str]], jobs: int, 
         cfg = run.config
         exact, near = _kinds(cfg.dataset, cfg.model, cfg.method, cfg.dp)
         steps = planned_steps(run.config)
-        kind = exact if exact in per_run else near if near in per_run else None
+        # a kind timed by fewer than three records falls back to its dataset and model: one record's time can be
+        # an outlier (a run that shared its core with another sweep)
+        kind = exact if len(per_run.get(exact, [])) >= 3 else near if near in per_run else None
         if kind is None:
             known = False
             continue
