@@ -176,11 +176,12 @@ class Plan:
 
 def make_plan(runs: list[PlannedRun], members: dict[str, list[str]], jobs: int, retry_failed: bool = False,
               gpu_times: Path | None = None) -> Plan:
-    """The sweep's plan; each pending run's time comes from the finished records of its kind among ``runs``
-    (dataset, model, method and DP mode where three or more records have it; else dataset and model): their median wall time per optimiser step
-    times the run's own steps, so that a run on twice the data is expected to take twice as long (the
-    median wall time where a run's steps cannot be counted). ``gpu_times``: also the GPU hours of all
-    planned runs from the step times in that file (``make gpu-check`` writes it)."""
+    """The sweep's plan. Each pending run's time: its optimiser steps times the median wall time per step of
+    the finished records of its kind in the records directories of ``runs`` (dataset, model, method and DP
+    mode where three or more records have it, else dataset and model), so that a run on twice the data is
+    expected to take twice as long (the median wall time where a run's steps cannot be counted).
+    ``gpu_times``: also the GPU hours of all planned runs from the step times in that file (``make
+    gpu-check`` writes it)."""
     import statistics
 
     todo = pending(runs, retry_failed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,9 @@ def test_plan_dedups_shared_runs(tmp_path):
 
 
 def test_plan_times_a_run_by_its_optimiser_steps_from_records_of_its_kind(tmp_path):
-    """A pending run on twice the data is expected to take twice as long as a finished one of its kind, and
-    finished records of another table in the same records directory count too."""
+    """A pending run on twice the data is expected to take twice as long as finished ones of its kind (their
+    median time per step); finished records of another table in the same records directory count too, and a
+    kind with fewer than three records is timed by its dataset and model instead."""
     from ilora.sweep import make_plan, planned_steps
 
     write_bench(tmp_path / "b", BENCH.replace("method: [fedit, ilora]", "method: [fedit]")
@@ -117,18 +119,32 @@ def test_plan_times_a_run_by_its_optimiser_steps_from_records_of_its_kind(tmp_pa
     epochs = ["local_steps=null", "batch_size=4"]  # one local epoch, its steps set by the data
     (done,) = plan(resolve_benchmarks([], tmp_path / "b"), "smoke", overrides=epochs, out_dir=str(out))
     steps = planned_steps(done.config)
-    rounds = [{"wall_s": 50.0, "client_steps": [steps // 2 - 5, 5]}, {"wall_s": 50.0, "client_steps": [steps // 2]}]
-    record = {"status": "ok", "dataset": "bbc_news", "model": done.config.model, "method": "fedit",
-              "config": {"dp": "none"}, "processor": "a test CPU", "rounds": rounds}
-    other = out / "another-table-run"
-    other.mkdir(parents=True)
-    write_record(other, record)  # not a planned run: it still times the planned ones
-    bigger = [r for r in plan(resolve_benchmarks([], tmp_path / "b"), "smoke", out_dir=str(out),
-                              overrides=[*epochs, "max_train_samples=120"])]
+
+    def finished(name: str, wall: float, method: str = "fedit") -> None:  # a record of another table's run
+        rounds = [{"wall_s": wall / 2, "client_steps": [steps // 2 - 5, 5]},
+                  {"wall_s": wall / 2, "client_steps": [steps // 2]}]
+        record = {"status": "ok", "dataset": "bbc_news", "model": done.config.model, "method": method,
+                  "config": {"dp": "none"}, "processor": "a test CPU", "rounds": rounds}
+        (out / name).mkdir(parents=True)
+        write_record(out / name, record)
+
+    for i, wall in enumerate([100.0, 100.0, 1000.0]):  # the third shared its core with another sweep
+        finished(f"fedit-{i}", wall)
+    bigger = plan(resolve_benchmarks([], tmp_path / "b"), "smoke", out_dir=str(out),
+                  overrides=[*epochs, "max_train_samples=120"])
+    assert planned_steps(bigger[0].config) > 1.8 * steps
     result = make_plan(bigger, {"tiny": [r.run_id for r in bigger]}, jobs=1)
     assert result.pending == 1 and result.estimated == 1 and result.processors == ["a test CPU"]
     assert result.expected_s == pytest.approx(100.0 * planned_steps(bigger[0].config) / steps)
-    assert planned_steps(bigger[0].config) > 1.8 * steps
+
+    for i in range(3):
+        shutil.rmtree(out / f"fedit-{i}")
+    finished("fedit-slow", 1000.0)  # one record of the kind: an outlier would set the time alone
+    finished("ilora-0", 100.0, "ilora")
+    finished("ilora-1", 100.0, "ilora")
+    result = make_plan(bigger, {"tiny": [r.run_id for r in bigger]}, jobs=1)
+    assert result.estimated == 0  # timed by bbc_news and its model: the median of 1000, 100, 100
+    assert result.expected_s == pytest.approx(100.0 * planned_steps(bigger[0].config) / steps)
 
 
 EXTENDED = BENCH.replace("      seed: [1, 2]\n", """      seed: [1, 2]
