@@ -251,9 +251,9 @@ CONVERGED_GAIN = 1.0  # points: the regime's convergence criterion for the refer
 
 def last_round_gain(ok: pd.DataFrame, row_keys: list[dict[str, str]], col_keys: list[dict[str, str]],
                     ref: str | None, method_axis: str | None) -> str | None:
-    """Whether the table's runs have converged: FedIT's accuracy change in the last round, mean over its seeds,
-    for each of its cells (e.g. ``sgd +0.89; adamw +0.70``); None where FedIT is not the reference row (the
-    regime's criterion is FedIT's) or there are no curves."""
+    """Whether the table's runs have converged: FedIT's accuracy change in the last round, mean over its seeds
+    and its standard error, for each of its cells (e.g. ``sgd +0.89 ± 0.27; adamw +0.70 ± 0.30``); None where
+    FedIT is not the reference row (the regime's criterion is FedIT's) or there are no curves."""
     if ref != "fedit" or method_axis is None or ok.empty:
         return None
     parts = []
@@ -264,14 +264,17 @@ def last_round_gain(ok: pd.DataFrame, row_keys: list[dict[str, str]], col_keys: 
             curves = [c for c in _select(ok, {**rl, **cl})["curve"] if c and len(c) > 1]
             if not curves:
                 continue
-            gain = float(np.mean([c[-1] - c[-2] for c in curves]))
+            gains = [c[-1] - c[-2] for c in curves]
+            gain = float(np.mean(gains))
+            spread = f" ± {float(np.std(gains, ddof=1)) / np.sqrt(len(gains)):.2f}" if len(gains) > 1 else ""
             where = ", ".join(display(v) for k, v in {**rl, **cl}.items() if k != method_axis)
             verdict = "converged" if gain < CONVERGED_GAIN else "still rising"
-            parts.append(f"{where + ' ' if where else ''}{gain:+.2f} ({verdict}, n={len(curves)})")
+            parts.append(f"{where + ' ' if where else ''}{gain:+.2f}{spread} ({verdict}, n={len(curves)})")
     if not parts:
         return None
-    return (f"Convergence: {display(ref)}'s accuracy change in the last round, mean over its seeds: "
-            f"{'; '.join(parts)} (the regime asks for under {CONVERGED_GAIN:g} point).")
+    return (f"Convergence: {display(ref)}'s accuracy change in the last round, mean over its seeds ± its "
+            f"standard error: {'; '.join(parts)} (the regime asks for under {CONVERGED_GAIN:g} point; a "
+            "seed's change is noisy, so a mean near the line is not a verdict either way).")
 
 
 def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
