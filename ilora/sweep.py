@@ -174,6 +174,9 @@ class Plan:
         return out
 
 
+MIN_RECORDS_OF_KIND = 3  # fewer finished records of a run's exact kind: time it by its dataset and model
+
+
 def make_plan(runs: list[PlannedRun], members: dict[str, list[str]], jobs: int, retry_failed: bool = False,
               gpu_times: Path | None = None) -> Plan:
     """The sweep's plan. Each pending run's time: its optimiser steps times the median wall time per step of
@@ -192,7 +195,7 @@ def make_plan(runs: list[PlannedRun], members: dict[str, list[str]], jobs: int, 
     # every finished record where these runs keep theirs, planned here or not (another table's runs of the
     # same method time this one's on other data)
     record_paths = {p for d in {run.result_path.parent.parent for run in runs} for p in d.glob("*/result.json")}
-    for path in sorted(record_paths | {run.result_path for run in runs}):
+    for path in sorted(record_paths):
         record = read_record(path)
         if not record or record.get("status") != "ok":
             continue
@@ -212,7 +215,7 @@ def make_plan(runs: list[PlannedRun], members: dict[str, list[str]], jobs: int, 
         steps = planned_steps(run.config)
         # a kind timed by fewer than three records falls back to its dataset and model: one record's time can be
         # an outlier (a run that shared its core with another sweep)
-        kind = exact if len(per_run.get(exact, [])) >= 3 else near if near in per_run else None
+        kind = exact if len(per_run.get(exact, [])) >= MIN_RECORDS_OF_KIND else near if near in per_run else None
         if kind is None:
             known = False
             continue
