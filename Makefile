@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PRESET ?= cpu
 JOBS   ?= 2
 
-.PHONY: install test drill lint reproduce-tables reproduce-audit compare plots perf gpu-check flower-local clean
+.PHONY: install test drill lint reproduce-tables reproduce-audit reproduce-axes compare plots perf gpu-check flower-local clean
 
 install: $(STAMP)
 
@@ -58,6 +58,14 @@ AUDIT := authors_audit_ilora authors_audit_vision authors_audit_text
 reproduce-audit: $(STAMP)
 	HF_HUB_OFFLINE=1 $(ILORA) sweep $(AUDIT) --preset $(PRESET) --jobs $(JOBS) --report
 	HF_HUB_OFFLINE=1 $(ILORA) report all $(AUDIT) --preset $(PRESET)
+
+# The optimisation and privacy axes (docs/optimisers.md, docs/privacy.md): server optimisers on text and
+# vision, FedProx's mu, DP-SGD at epsilon 8 and 2; results/tables/$(PRESET)/{privacy,fedprox,server_optimizers*}.md.
+# Reuses the plain runs of reproduce-tables as their FedAvg / mu 0 / epsilon-infinity cells.
+AXES := privacy server_optimizers server_optimizers_vision fedprox
+reproduce-axes: $(STAMP)
+	HF_HUB_OFFLINE=1 $(ILORA) sweep $(AXES) --preset $(PRESET) --jobs $(JOBS) --report
+	HF_HUB_OFFLINE=1 $(ILORA) report all $(AXES) --preset $(PRESET)
 
 # Every registered method on one setting (benchmarks/compare.yaml; default the cpu text setting):
 # a ranking table on stdout, results/tables/$(PRESET)/compare.* and results/plots/$(PRESET)/compare_*.

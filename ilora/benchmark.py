@@ -50,6 +50,7 @@ from ilora.paths import check_name, is_plain_name
 
 BENCHMARK_ROOT = Path(__file__).resolve().parent.parent / "benchmarks"
 SWEEP_PRESETS = ("paper", "cpu", "quick", "smoke")
+PLOT_KINDS = ("rounds", "communication", "x_axis")  # results/plots/<preset>/<benchmark>_<kind, or the x_axis name>
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,13 @@ def load_benchmark(name: str, root: Path | None = None) -> Benchmark:
         extra=list(table.get("extra") or []),
         in_all=bool(data.get("in_all", True)),
     )
+    unknown = [kind for kind in bench.plots if kind not in PLOT_KINDS]
+    if unknown:
+        raise ConfigError(f"benchmark {bench.name}: plots: unknown plot {unknown[0]!r} "
+                          f"(valid: {', '.join(PLOT_KINDS)})")
+    if "x_axis" in bench.plots and bench.x_axis not in bench.columns:
+        raise ConfigError(f"benchmark {bench.name}: table: x_axis must name one of its columns "
+                          f"({', '.join(bench.columns) or 'none'}) for the x_axis plot")
     for preset in bench.presets:
         if not bench.runs_at(preset):
             continue

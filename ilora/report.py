@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ilora.algorithm import available_algorithms, display_name, get_algorithm
-from ilora.benchmark import Benchmark, PlannedRun, expand, read_record
+from ilora.benchmark import PLOT_KINDS, Benchmark, PlannedRun, expand, read_record
 from ilora.errors import UserError
 
 AVERAGE = "average"
@@ -693,23 +693,33 @@ def plot_rounds(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> 
 
 
 def plot_x_axis(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> list[Path]:
-    """Accuracy against a numeric column axis (e.g. Dirichlet alpha), one line per row label."""
-    axis = bench.x_axis or "dirichlet_alpha"
+    """Accuracy against the table's ``x_axis`` column axis, one line per row label: at its values where
+    they are numbers (Dirichlet alpha, FedProx's mu), else at evenly spaced, labelled positions
+    (privacy budgets, server optimisers)."""
+    axis = str(bench.x_axis)  # the loader requires it for this plot
     axes = {a.name: list(a.values) for a in bench.axes(preset)}
     others, panels_labels = _panels(bench, axes, skip=axis)
+    values = axes.get(axis, [])
+    numeric = all(_is_number(v) for v in values)
+    position = {v: float(v) if numeric else float(i) for i, v in enumerate(values)}
     fig, panels = _figure(len(panels_labels))
     ok = df[df["status"] == "ok"] if not df.empty else df
+    lines = list(_product(axes, bench.rows[-1:]))
     for ax, pl in zip(panels, panels_labels):
-        for i, rl in enumerate(_product(axes, bench.rows[-1:])):
+        for i, rl in enumerate(lines):
+            dodge = 0.0 if numeric else 0.25 * (i - (len(lines) - 1) / 2) / max(len(lines), 1)  # bars side by side
             xs, ys, es = [], [], []
-            for x in axes.get(axis, []):
+            for x in values:
                 sub = _select(ok, {**rl, **pl, axis: x})
                 if not sub.empty:
-                    xs.append(float(x))
+                    xs.append(position[x] + dodge)
                     ys.append(sub["accuracy"].mean())
                     es.append(sub["accuracy"].std(ddof=1) if len(sub) > 1 else 0.0)
             if xs:
                 ax.errorbar(xs, ys, yerr=es, ms=4, capsize=2, label=display(_key(rl, bench.rows[-1:])), **_style(i))
+        if not numeric:
+            ax.set_xticks(list(position.values()), [str(v) for v in values])
+            ax.set_xlim(-0.3, len(values) - 0.7)
         ax.set_title(_panel_title(pl, axes, bench.name), fontsize=9)
         ax.set_xlabel(axis.replace("_", " "))
         ax.set_ylabel("final accuracy (%)")
@@ -719,6 +729,14 @@ def plot_x_axis(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> 
     fig.suptitle(f"{bench.title}{': ' + fixed if fixed else ''} ({preset}; mean over seeds, bars ± 1 std over seeds "
                  "where n > 1)", fontsize=10)
     return _save(fig, path)
+
+
+def _is_number(value: object) -> bool:
+    try:
+        float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def plot_communication(bench: Benchmark, preset: str, df: pd.DataFrame, path: Path) -> list[Path]:
@@ -748,7 +766,8 @@ def plot_communication(bench: Benchmark, preset: str, df: pd.DataFrame, path: Pa
     return _save(fig, path)
 
 
-PLOTS = {"rounds": plot_rounds, "alpha": plot_x_axis, "communication": plot_communication}
+PLOTS = {"rounds": plot_rounds, "x_axis": plot_x_axis, "communication": plot_communication}
+assert set(PLOTS) == set(PLOT_KINDS)
 
 
 # ---------------------------------------------------------------------------------------- the report
@@ -823,9 +842,8 @@ def report(
         written += write_table(table, bench.name, preset, results_dir / "tables" / preset, bench.description)
         if plots:
             for kind in bench.plots:
-                if kind not in PLOTS:
-                    continue
-                target = results_dir / "plots" / preset / f"{bench.name}_{kind}"
+                name = bench.x_axis if kind == "x_axis" else kind  # e.g. privacy_budget, fedprox_fedprox_mu
+                target = results_dir / "plots" / preset / f"{bench.name}_{name}"
                 written += PLOTS[kind](bench, preset, df, target)
     written.append(write_provenance(benches, preset, out_dir, results_dir / "tables" / preset, overrides))
     return written

@@ -16,8 +16,8 @@ from ilora.runner import write_record
 BENCH = """
 name: synth
 title: Synthetic table
-table: {rows: [method], columns: [dataset], average: true}
-plots: [rounds, communication, alpha]
+table: {rows: [method], columns: [dataset], average: true, x_axis: dataset}
+plots: [rounds, communication, x_axis]
 presets:
   smoke:
     base: {rounds: 3}
@@ -115,7 +115,7 @@ def test_report_writes_tables_and_plots(tmp_path):
     tables = results / "tables" / "smoke"
     for ext in ("md", "tex", "csv"):
         assert (tables / f"synth.{ext}").exists()
-    for kind in ("rounds", "communication", "alpha"):
+    for kind in ("rounds", "communication", "dataset"):  # the x_axis plot is named by its axis
         for ext in ("png", "pdf"):
             path = results / "plots" / "smoke" / f"synth_{kind}.{ext}"
             assert path.exists() and path.stat().st_size > 1000, path

@@ -178,6 +178,20 @@ def test_extend_errors_name_the_entry(tmp_path, extend, message):
         load_benchmark(str(path))
 
 
+@pytest.mark.parametrize("layout, message", [
+    ("table: {rows: [method], columns: [dataset, optimizer]}\nplots: [rounds, bars]",
+     "plots: unknown plot 'bars' \\(valid: rounds, communication, x_axis\\)"),
+    ("table: {rows: [method], columns: [dataset, optimizer]}\nplots: [x_axis]",
+     "table: x_axis must name one of its columns \\(dataset, optimizer\\)"),
+    ("table: {rows: [method], columns: [dataset, optimizer], x_axis: seed}\nplots: [x_axis]",
+     "table: x_axis must name one of its columns"),
+])
+def test_plot_errors_name_the_field_and_the_choices(tmp_path, layout, message):
+    path = write_bench(tmp_path, BENCH.replace("table: {rows: [method], columns: [dataset, optimizer]}", layout))
+    with pytest.raises(ConfigError, match=message):
+        load_benchmark(str(path))
+
+
 def test_benchmark_errors(tmp_path):
     bench = load_benchmark(str(write_bench(tmp_path)))
     with pytest.raises(ConfigError, match="no preset 'cpu'"):

@@ -93,7 +93,7 @@ def test_report_logs_tables_plots_and_an_artifact_offline(wandb_env, capsys):
     assert "NaN" not in (run.files / logged["tidy/synth"]["path"]).read_text()
 
     # the plots: every PNG, as written
-    for kind in ("rounds", "communication", "alpha"):
+    for kind in ("rounds", "communication", "dataset"):
         image = logged[f"plots/synth_{kind}"]
         png = results / "plots" / "smoke" / f"synth_{kind}.png"
         assert image["_type"] == "image-file" and image["format"] == "png"
