@@ -62,7 +62,7 @@ reproduce-audit: $(STAMP)
 # The optimisation and privacy axes (docs/optimisers.md, docs/privacy.md): server optimisers on text and
 # vision, FedProx's mu, DP-SGD at epsilon 8 and 2; results/tables/$(PRESET)/{privacy,fedprox,server_optimizers*}.md.
 # Reuses the plain runs of reproduce-tables as their FedAvg / mu 0 / epsilon-infinity cells.
-AXES := privacy server_optimizers server_optimizers_vision fedprox
+AXES := privacy privacy_clipping server_optimizers server_optimizers_vision fedprox
 reproduce-axes: $(STAMP)
 	HF_HUB_OFFLINE=1 $(ILORA) sweep $(AXES) --preset $(PRESET) --jobs $(JOBS) --report
 	HF_HUB_OFFLINE=1 $(ILORA) report all $(AXES) --preset $(PRESET)
