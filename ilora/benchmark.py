@@ -75,6 +75,7 @@ class Benchmark:
     path: Path
     x_axis: str | None = None  # the column axis plotted on x (e.g. dirichlet_alpha), if any
     reference: str | None = None  # the row label of the paired differences (default: fedit, if present)
+    change_from: str | None = None  # a column label: each row's paired change from it (e.g. "eps inf")
     extra: list[str] = field(default_factory=list)  # per-run metrics shown next to accuracy (report.EXTRA_METRICS)
     in_all: bool = True  # part of ``all`` (``make reproduce-tables``); false: run by name only
 
@@ -226,6 +227,7 @@ def load_benchmark(name: str, root: Path | None = None) -> Benchmark:
         path=path,
         x_axis=table.get("x_axis"),
         reference=table.get("reference"),
+        change_from=None if table.get("change_from") is None else str(table["change_from"]),
         extra=list(table.get("extra") or []),
         in_all=bool(data.get("in_all", True)),
     )
@@ -236,14 +238,22 @@ def load_benchmark(name: str, root: Path | None = None) -> Benchmark:
     if "x_axis" in bench.plots and bench.x_axis not in bench.columns:
         raise ConfigError(f"benchmark {bench.name}: table: x_axis must name one of its columns "
                           f"({', '.join(bench.columns) or 'none'}) for the x_axis plot")
+    if bench.change_from is not None and len(bench.columns) != 1:
+        raise ConfigError(f"benchmark {bench.name}: table: change_from needs exactly one column axis "
+                          f"(it has {len(bench.columns)}: {', '.join(bench.columns) or 'none'})")
     for preset in bench.presets:
         if not bench.runs_at(preset):
             continue
-        axes = {a.name for a in bench.axes(preset)}
+        axes = {a.name: a for a in bench.axes(preset)}
         bench.grids(preset)  # validates the extend entries
         missing = [a for a in bench.rows + bench.columns if a not in axes]
         if missing:
             raise ConfigError(f"benchmark {bench.name}: preset {preset!r} has no grid axis {missing[0]!r}")
+        labels = list(axes[bench.columns[0]].values) if bench.change_from is not None else []
+        if bench.change_from is not None and bench.change_from not in labels:
+            raise ConfigError(f"benchmark {bench.name}: table: change_from {bench.change_from!r} is not a label "
+                              f"of the column axis {bench.columns[0]!r} at preset {preset!r} "
+                              f"(valid: {', '.join(labels)})")
     return bench
 
 

@@ -214,6 +214,10 @@ NOT_THE_REGIME = {  # presets whose tables are a first look, not results
              "(one epoch of tens of steps, converged): a first look, not a result; the committed tables are cpu.",
     "smoke": "Smoke preset: a few steps on a tiny slice, to check that things run; not a result.",
 }
+CHANGE_NOTE = ("X − {base} [95% CI]: each row's paired change from the {base} column over the same seeds, mean "
+               "and 95% t-interval; its Δ {ref}: that change minus {ref}'s, paired by seed (a difference in "
+               "differences: an interval above 0 means the row loses less than {ref} going from {base} to X; "
+               "one that contains 0, that the two changes differ inside the noise).")
 SECOND_REFERENCE = "lora_fair"  # the paper's runner-up: every method table also shows the difference to it
 
 
@@ -329,6 +333,7 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
         return None if reference is None or method_axis is None else _key({**rl, method_axis: reference}, row_axes)
 
     tidy_rows = []
+    tidy_at: dict[tuple[str, str], dict[str, Any]] = {}  # (row, column) -> its tidy row
     out: dict[str, list[str]] = {" / ".join(row_axes) or "run": [" / ".join(display(rl[a]) for a in row_axes)
                                                                   for rl in row_keys]}
     groups = [tuple(rl[a] for a in row_axes[:-1]) for rl in row_keys]
@@ -387,6 +392,7 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
                 "run_ids": ";".join(sub["run_id"]) if not sub.empty else "",
             })
             tidy_rows.append(row)
+            tidy_at[(r, col)] = row
         out[col] = texts
         if len(row_keys) > 1:
             for reference in refs:
@@ -394,8 +400,13 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
         if any(p is not None for p in papers):
             out[f"{col} paper"] = [_num(p, "{:.2f}") for p in papers]
             out[f"{col} Δ paper"] = [_num(d, "{:+.2f}") for d in deltas]
-    tidy = pd.DataFrame(tidy_rows)
     notes: list[str] = []
+    if bench.change_from is not None and bench.change_from in columns:
+        keys = [_key(rl, row_axes) for rl in row_keys]
+        out.update(_changes(bench.change_from, columns, keys, values, tidy_at,
+                            [ref_row(rl) for rl in row_keys], ref))
+        notes.append(CHANGE_NOTE.format(base=bench.change_from, ref=display(ref) if ref else "the reference row"))
+    tidy = pd.DataFrame(tidy_rows)
 
     finished = df[df["status"].isin(["ok", "diverged"])] if not df.empty else df  # a diverged run has its early rounds
     for metric in bench.extra:
@@ -452,6 +463,35 @@ def build_table(bench: Benchmark, preset: str, df: pd.DataFrame) -> Table:
         notes.append(f"The paper's known numbers for this table (its own setting, not comparable to these "
                      f"stand-in cells): {ref_text}.")
     return Table(bench.title, pd.DataFrame(out), tidy, sorted(set(notes), key=notes.index), ref, refs)
+
+
+def _changes(base: str, columns: list[str], rows: list[str], values: dict[tuple[str, str], Seeds],
+             tidy_at: dict[tuple[str, str], dict[str, Any]], ref_rows: list[str | None],
+             ref: str | None) -> dict[str, list[str]]:
+    """Each row's paired change from the ``base`` column and, where there is a reference row, that change minus
+    the reference row's, paired by seed (a difference in differences); the tidy rows get the same numbers."""
+    out: dict[str, list[str]] = {}
+    for col in columns:
+        if col in (base, AVERAGE):
+            continue
+        change = {r: {k: v - values[(r, base)][k] for k, v in values[(r, col)].items() if k in values[(r, base)]}
+                  for r in rows}
+        texts, versus = [], []
+        for r, rr in zip(rows, ref_rows):
+            own = paired_difference(values[(r, col)], values[(r, base)])
+            rel = paired_difference(change[r], change[rr]) if rr and rr != r else None
+            texts.append(own.text())
+            versus.append("ref." if rr == r else (rel.text() if rel else ""))
+            tidy_at[(r, col)].update({
+                "change": own.mean if own.n else math.nan, "change_low": own.low, "change_high": own.high,
+                "change_diff_ref": rel.mean if rel and rel.n else math.nan,
+                "change_diff_ref_low": rel.low if rel else math.nan,
+                "change_diff_ref_high": rel.high if rel else math.nan,
+            })
+        out[f"{col} − {base} [95% CI]"] = texts
+        if ref is not None:
+            out[f"{col} − {base}: Δ {display(ref)} [95% CI]"] = versus
+    return out
 
 
 def _extra_values(metric: str, df: pd.DataFrame, row: dict[str, str], column: dict[str, str],

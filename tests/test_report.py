@@ -108,6 +108,24 @@ def test_table_from_records(tmp_path):
     assert r"\toprule" in tex and r"\textbf{84.00 $\pm$ 2.83 (n=2)}" in tex and r"$\Delta$" in tex
 
 
+def test_change_from_a_column_is_paired_by_seed_and_compared_with_the_reference(tmp_path):
+    bench, runs, _ = make_records(tmp_path)
+    bench.change_from = "bbc_news"
+    table = build_table(bench, "smoke", collect(runs))
+    shown = table.display.set_index("method")
+    # ILoRA: tweets - bbc_news = 40-82, 44-86 on seeds 1 and 2; FedIT has seed 1 only (60 -> 50); FLoRA no tweets
+    change = shown["tweets − bbc_news [95% CI]"]
+    assert change["ILoRA"] == "-42.00 [-42.00, -42.00]" and change["FedIT"] == "-10.00 (n=1)"
+    assert change["FLoRA"] == ""
+    versus = shown["tweets − bbc_news: Δ FedIT [95% CI]"]
+    assert versus["FedIT"] == "ref." and versus["ILoRA"] == "-32.00 (n=1)"  # seed 1 only: -42 - (-10)
+    assert not any(c.startswith(("bbc_news −", "average −")) for c in shown.columns)  # no change from itself
+    tidy = table.tidy.set_index(["method", "dataset"])
+    assert tidy.loc[("ilora", "tweets"), "change"] == pytest.approx(-42.0)
+    assert tidy.loc[("ilora", "tweets"), "change_diff_ref"] == pytest.approx(-32.0)
+    assert "difference in differences" in to_markdown(table, "smoke")
+
+
 def test_report_writes_tables_and_plots(tmp_path):
     bench, runs, out = make_records(tmp_path)
     results = tmp_path / "results"

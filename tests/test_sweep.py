@@ -185,6 +185,11 @@ def test_extend_errors_name_the_entry(tmp_path, extend, message):
      "table: x_axis must name one of its columns \\(dataset, optimizer\\)"),
     ("table: {rows: [method], columns: [dataset, optimizer], x_axis: seed}\nplots: [x_axis]",
      "table: x_axis must name one of its columns"),
+    ("table: {rows: [method], columns: [dataset, optimizer], change_from: sgd}",
+     "table: change_from needs exactly one column axis \\(it has 2: dataset, optimizer\\)"),
+    ("table: {rows: [method], columns: [optimizer], change_from: lion}",
+     "table: change_from 'lion' is not a label of the column axis 'optimizer' at preset 'smoke' "
+     "\\(valid: sgd, adamw\\)"),
 ])
 def test_plot_errors_name_the_field_and_the_choices(tmp_path, layout, message):
     path = write_bench(tmp_path, BENCH.replace("table: {rows: [method], columns: [dataset, optimizer]}", layout))
