@@ -216,7 +216,7 @@ NOT_THE_REGIME = {  # presets whose tables are a first look, not results
 }
 CHANGE_NOTE = ("X − {base} [95% CI]: each row's paired change from the {base} column over the same seeds, mean "
                "and 95% t-interval; its Δ {ref}: that change minus {ref}'s, paired by seed (a difference in "
-               "differences: an interval above 0 means the row loses less than {ref} going from {base} to X; "
+               "differences: an interval above 0 means the row fares better than {ref} going from {base} to X; "
                "one that contains 0, that the two changes differ inside the noise).")
 SECOND_REFERENCE = "lora_fair"  # the paper's runner-up: every method table also shows the difference to it
 
