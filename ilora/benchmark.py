@@ -249,7 +249,7 @@ def load_benchmark(name: str, root: Path | None = None) -> Benchmark:
         missing = [a for a in bench.rows + bench.columns if a not in axes]
         if missing:
             raise ConfigError(f"benchmark {bench.name}: preset {preset!r} has no grid axis {missing[0]!r}")
-        labels = list(axes[bench.columns[0]].values) if bench.columns else []
+        labels = list(axes[bench.columns[0]].values) if bench.change_from is not None else []
         if bench.change_from is not None and bench.change_from not in labels:
             raise ConfigError(f"benchmark {bench.name}: table: change_from {bench.change_from!r} is not a label "
                               f"of the column axis {bench.columns[0]!r} at preset {preset!r} "
